@@ -1,7 +1,8 @@
 """Download stage: get the images (archive, folder or synthetic), validate every one, write data/raw/.
 
 Outputs: data/raw/images/<class>/*.jpg (only decodable RGB JPEGs), data/raw/classes.json,
-reports/download.json (kept/dropped per class, each drop with its reason).
+reports/download.json (source, kept/dropped per class, each drop with its reason),
+reports/metrics/download.json (the kept and dropped counts).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from omegaconf import DictConfig
 
 from xfer import XferError
 from xfer.config import require, run_cli
-from xfer.data import CLASSES, IMAGES, RAW, REPORTS
+from xfer.data import CLASSES, IMAGES, METRICS, RAW, REPORTS
 from xfer.fetch import class_root, extract, fetch
 from xfer.files import atomic_dir, write_json
 from xfer.images import normalise_image, write_synthetic
-from xfer.tracking import stage_run
+from xfer.tracking import retry_locked, stage_run
 
 REPORT = REPORTS / "download.json"
 
@@ -94,10 +95,11 @@ def main(cfg: DictConfig) -> None:
         report["dropped_total"] = len(report["dropped"])
         write_json(tmp / CLASSES.relative_to(RAW), classes)
         write_json(REPORT, report)
+        write_json(METRICS / "download.json", {"kept": report["kept"], "dropped": report["dropped_total"]})
         import mlflow
 
-        mlflow.log_metrics({"images_kept": report["kept"], "images_dropped": report["dropped_total"]})
-        mlflow.log_artifact(str(REPORT))
+        retry_locked(mlflow.log_metrics, {"images_kept": report["kept"], "images_dropped": report["dropped_total"]})
+        retry_locked(mlflow.log_artifact, str(REPORT))
     per_class = ", ".join(f"{c}: {v['kept']} kept / {v['dropped']} dropped" for c, v in report["classes"].items())
     print(f"download: {report['kept']} images in {len(classes)} classes ({per_class})")
 

@@ -1,8 +1,9 @@
 """Evaluate stage: score the final image model on the test images, and the head alone on the cached test
 features for comparison; register the model in MLflow.
 
-Outputs reports/metrics/evaluate.json (accuracy, loss, ROC AUC, per-class and macro precision/recall/F1,
-confusion matrix, expected calibration error), reports/plots/{test_predictions,roc}.csv and
+Outputs reports/metrics/evaluate.json (the numbers to compare: accuracy, loss, ROC AUC, ECE, macro F1, and the
+head alone), reports/evaluate.json (everything: per-class and macro precision/recall/F1, confusion matrix, ...),
+reports/plots/{test_predictions,roc}.csv and
 reports/misclassified.png (the most confidently wrong test images). The final model is logged as an MLflow
 pyfunc taking raw images, registered as `<data.name>-classifier` (or evaluate.registered_model) with the alias
 `candidate` moved to the new version.
@@ -10,7 +11,10 @@ pyfunc taking raw images, registered as `<data.name>-classifier` (or evaluate.re
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import sys
 import time
 
 import numpy as np
@@ -32,9 +36,13 @@ from xfer.data import (
 )
 from xfer.files import atomic_path, read_json, write_json
 from xfer.metrics import classification_metrics, roc_points
-from xfer.tracking import pipeline_id, stage_run
+from xfer.tracking import pipeline_id, retry_locked, stage_run
 
 MISCLASSIFIED = REPORTS / "misclassified.png"
+REPORT = REPORTS / "evaluate.json"
+# What `dvc metrics show` / `dvc exp show` list; the rest of the report stays in reports/evaluate.json and MLflow.
+COMPARED = ("test_accuracy", "test_loss", "test_auc", "test_ece", "test_f1_macro", "head_test_accuracy",
+            "head_test_auc", "test_images_per_sec")
 
 
 def misclassified_grid(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str], n: int,
@@ -74,17 +82,23 @@ def register(cfg: DictConfig, run_id: str, classes_path, model_path) -> str:
     from xfer.serving import ImageClassifier, signature
 
     name = cfg.evaluate.registered_model or f"{cfg.data.name}-classifier"
-    info = mlflow.pyfunc.log_model(
+    info = retry_locked(
+        mlflow.pyfunc.log_model,
         name="model", python_model=ImageClassifier(), signature=signature(),
         artifacts={"keras_model": str(model_path), "classes": str(classes_path)}, code_paths=["xfer"],
         pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
                           f"mlflow=={mlflow.__version__}", "pillow", "pandas", "omegaconf", "scikit-learn"],
     )
     client = mlflow.MlflowClient()
-    version = mlflow.register_model(info.model_uri, name).version
+    chatter = io.StringIO()  # register_model prints "Successfully registered ..." / "Created version ..."
+    with contextlib.redirect_stderr(chatter):
+        version = retry_locked(mlflow.register_model, info.model_uri, name).version
+    for line in chatter.getvalue().splitlines():
+        if not line.startswith(("Successfully registered model", "Created version", "Registered model")):
+            print(line, file=sys.stderr)
     for key, value in {"run_id": run_id, "backbone": cfg.backbone.name, "pipeline_id": pipeline_id()}.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, "candidate", version)
+        retry_locked(client.set_model_version_tag, name, version, key, value)
+    retry_locked(client.set_registered_model_alias, name, "candidate", version)
     return f"models:/{name}@candidate (version {version})"
 
 
@@ -117,7 +131,8 @@ def main(cfg: DictConfig) -> None:
         metrics.update({f"head_test_{k}": head_only[k] for k in ("accuracy", "loss", "auc", "ece")})
         metrics.update(test_images=len(test), model_params=int(predictor.model.count_params()),
                        test_images_per_sec=len(test) / seconds)
-        write_json(METRICS / "evaluate.json", metrics)
+        write_json(REPORT, metrics)
+        write_json(METRICS / "evaluate.json", {k: round(float(metrics[k]), 6) for k in COMPARED})
         pred = probs.argmax(axis=1)
         with atomic_path(PLOTS / "test_predictions.csv") as tmp:
             pd.DataFrame({"path": test["path"], "actual": test["class"], "predicted": [classes[i] for i in pred],
@@ -127,14 +142,14 @@ def main(cfg: DictConfig) -> None:
             pd.DataFrame({"fpr": fpr.round(6), "tpr": tpr.round(6)}).to_csv(tmp, index=False, lineterminator="\n")
         with atomic_path(MISCLASSIFIED) as tmp:
             misclassified_grid(image_paths(test), y, probs, classes, int(cfg.evaluate.misclassified), tmp)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_dict(metrics, "evaluate.json")
+        retry_locked(mlflow.log_metrics, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        retry_locked(mlflow.log_dict, metrics, "evaluate.json")
         for artifact in (MISCLASSIFIED, PLOTS / "roc.csv", PLOTS / "test_predictions.csv"):
-            mlflow.log_artifact(str(artifact))
+            retry_locked(mlflow.log_artifact, str(artifact))
         registered = register(cfg, run.info.run_id, CLASSES, FINAL_MODEL) if cfg.evaluate.register else "not registered"
-    summary = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    summary = {k: round(float(metrics[k]), 4) for k in COMPARED}
     print(f"evaluate: {json.dumps(summary)}; model {registered}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, tensorflow=True)

@@ -2,8 +2,9 @@
 
 Outputs data/features/<backbone>/: <split>_features.npy (feature maps, or vectors with featurize.pooling),
 <split>_labels.npy, <split>_paths.txt (same order as the rows), base.weights.h5 (the exact backbone weights
-used), meta.json (shapes, pooling, dtype, images/s, weights sha256). Features are streamed batch by batch into
-memory-mapped .npy files, so memory does not grow with the number of images.
+used), meta.json (shapes, pooling, dtype, weights sha256: nothing run-specific, so an identical rerun gives
+identical bytes). Images/s go to reports/metrics/featurize.json and MLflow. Features are streamed batch by batch
+into memory-mapped .npy files, so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from tqdm import tqdm
 
 from xfer import XferError
 from xfer.config import run_cli
-from xfer.data import SPLIT_NAMES, feature_dir, image_paths, read_manifest
+from xfer.data import METRICS, SPLIT_NAMES, feature_dir, image_paths, read_manifest
 from xfer.fetch import sha256_of
 from xfer.files import atomic_dir, write_json
-from xfer.tracking import stage_run
+from xfer.tracking import retry_locked, stage_run
 
 BASE_WEIGHTS = "base.weights.h5"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -56,12 +57,12 @@ def weights_sha256(weights: str | None) -> str | None:
 
 
 def main(cfg: DictConfig) -> None:
-    import keras
     import mlflow
 
     from xfer.models import backbone_cnn, build_base, set_precision
+    from xfer.runtime import seed_everything
 
-    keras.utils.set_random_seed(int(cfg.seed))
+    seed_everything(cfg.seed, cfg.runtime.deterministic)
     b, f = cfg.backbone, cfg.featurize
     if f.dtype not in DTYPES:
         raise XferError(f"featurize.dtype: '{f.dtype}' is not one of {', '.join(DTYPES)}")
@@ -73,23 +74,26 @@ def main(cfg: DictConfig) -> None:
                 "pooling": f.pooling, "dtype": f.dtype, "precision": cfg.runtime.precision,
                 "weights": str(b.weights), "weights_sha256": sha, "splits": {}}
         if sha:
-            mlflow.set_tag("weights_sha256", sha)
+            retry_locked(mlflow.set_tag, "weights_sha256", sha)
+        seconds = {}
         with atomic_dir(feature_dir(b.name)) as tmp:
             for split in SPLIT_NAMES:
                 manifest = read_manifest(split)
                 ips = featurize_split(base, image_paths(manifest), manifest["label"].to_numpy(), tmp, split,
                                       int(f.batch_size), f.dtype)
-                meta["splits"][split] = {"images": len(manifest), "images_per_sec": round(ips, 1)}
-                mlflow.log_metric(f"{split}_images_per_sec", ips)
+                meta["splits"][split] = {"images": len(manifest)}
+                seconds[split] = len(manifest) / ips
+                retry_locked(mlflow.log_metric, f"{split}_images_per_sec", ips)
             backbone_cnn(base).save_weights(str(tmp / BASE_WEIGHTS))
             write_json(tmp / "meta.json", meta)
         total = sum(v["images"] for v in meta["splits"].values())
-        mlflow.log_metrics({"feature_size": int(np.prod(base.output_shape[1:])), "backbone_params": base.count_params(),
-                            "images_per_sec": total / sum(v["images"] / v["images_per_sec"]
-                                                          for v in meta["splits"].values())})
+        ips = total / sum(seconds.values())
+        write_json(METRICS / "featurize.json", {"images_per_sec": round(ips, 1)})
+        retry_locked(mlflow.log_metrics, {"feature_size": int(np.prod(base.output_shape[1:])),
+                                          "backbone_params": base.count_params(), "images_per_sec": ips})
     print(f"featurize: {b.name} features {tuple(meta['feature_shape'])} for "
-          + ", ".join(f"{s} {v['images']} ({v['images_per_sec']} img/s)" for s, v in meta["splits"].items()))
+          + ", ".join(f"{s} {v['images']}" for s, v in meta["splits"].items()) + f" images at {ips:.1f} img/s")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, tensorflow=True)

@@ -4,12 +4,14 @@ it with the head at a low learning rate on augmented images.
 The model is input -> augmentation -> the backbone's preprocess_input -> the base with the weights used for
 the feature cache (called with training=False, so BatchNorm stays frozen) -> the trained head.
 Before training it checks that the assembled model reproduces the head's validation predictions.
-Outputs models/model.keras, reports/metrics/finetune.json, reports/plots/finetune.csv.
+Outputs models/model.keras (byte-reproducible), reports/metrics/finetune.json, reports/plots/finetune.csv.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
@@ -18,7 +20,7 @@ from xfer import XferError
 from xfer.config import run_cli
 from xfer.data import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, feature_dir, image_paths, load_features, read_manifest
 from xfer.files import atomic_path, read_json, write_json
-from xfer.tracking import epoch_logger, stage_run
+from xfer.tracking import epoch_logger, retry_locked, stage_run
 
 TRANSPLANT_TOLERANCE = 1e-3
 
@@ -67,10 +69,11 @@ def main(cfg: DictConfig) -> None:
     import mlflow
 
     from xfer.images import image_dataset
-    from xfer.models import class_weights, compile_model, training_callbacks
+    from xfer.models import class_weights, compile_model, save_model, training_callbacks
+    from xfer.runtime import progress_bar, seed_everything
 
     seed = int(cfg.seed)
-    keras.utils.set_random_seed(seed)
+    seed_everything(seed, cfg.runtime.deterministic)
     f = cfg.finetune
     if not HEAD_MODEL.is_file():
         raise XferError(f"{HEAD_MODEL} not found; run the train_head stage first")
@@ -80,12 +83,12 @@ def main(cfg: DictConfig) -> None:
     with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed"]):
         model, base = assemble(cfg, head, seed)
         diff = transplant_check(model, head, cfg)
-        mlflow.log_metric("transplant_max_abs_diff", diff)
+        retry_locked(mlflow.log_metric, "transplant_max_abs_diff", diff)
         if diff > TRANSPLANT_TOLERANCE:
             raise XferError(f"assembled model disagrees with the head on cached features (max diff {diff:.2e} > "
                             f"{TRANSPLANT_TOLERANCE}); preprocessing or backbone weights differ from featurize's")
-        metrics = {"transplant_max_abs_diff": diff}
-        with atomic_path(FINAL_MODEL) as ckpt, atomic_path(PLOTS / "finetune.csv") as curves:
+        metrics, details = {}, {"transplant_max_abs_diff": diff}
+        with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "finetune.csv") as curves:
             if f.enabled:
                 trainable = unfreeze_top(base, cfg.backbone.unfreeze_from)
                 compile_model(model, f, n_classes)  # recompile after changing `trainable`
@@ -93,25 +96,27 @@ def main(cfg: DictConfig) -> None:
                 train, val = read_manifest("train"), read_manifest("val")
                 ds_train = image_dataset(image_paths(train), train["label"].to_numpy(), size, bs, shuffle_seed=seed)
                 ds_val = image_dataset(image_paths(val), val["label"].to_numpy(), size, bs)
-                callbacks = training_callbacks(ckpt, f, [keras.callbacks.CSVLogger(str(curves)), epoch_logger()])
+                best = Path(tmp) / "best.weights.h5"
+                callbacks = training_callbacks(best, f, [keras.callbacks.CSVLogger(str(curves)), epoch_logger(),
+                                                         progress_bar("finetune")])
                 history = model.fit(ds_train, validation_data=ds_val, epochs=int(f.epochs), callbacks=callbacks,
-                                    shuffle=False,  # ds_train reshuffles itself
+                                    shuffle=False, verbose=0,  # ds_train reshuffles itself
                                     class_weight=class_weights(train["label"], f.class_weight, n_classes))
-                if ckpt.exists():  # the best epoch, whether or not early stopping fired
-                    model.load_weights(str(ckpt))
+                if best.exists():  # the best epoch, whether or not early stopping fired
+                    model.load_weights(str(best))
                 val_loss, val_acc = model.evaluate(ds_val, verbose=0)
-                metrics.update({"val_loss": float(val_loss), "val_accuracy": float(val_acc),
-                                "epochs": len(history.history["loss"]), "trainable_layers": trainable,
+                metrics.update({"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_acc), 6)})
+                details.update({"epochs": len(history.history["loss"]), "trainable_layers": trainable,
                                 "trainable_weights": len(model.trainable_weights)})
             else:
                 curves.write_text("epoch,loss,accuracy,val_loss,val_accuracy\n")
                 compile_model(model, f, n_classes)
-            model.save(str(ckpt))
+            save_model(model, FINAL_MODEL)
         write_json(METRICS / "finetune.json", metrics)
-        mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epochs"})
-        mlflow.log_artifact(str(FINAL_MODEL), artifact_path="model")
-    print(f"finetune: {json.dumps(metrics)}")
+        retry_locked(mlflow.log_metrics, {**metrics, **details})
+        retry_locked(mlflow.log_artifact, str(FINAL_MODEL), artifact_path="model")
+    print(f"finetune: {json.dumps({**metrics, **details})}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, tensorflow=True)

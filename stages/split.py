@@ -19,7 +19,7 @@ from xfer import XferError
 from xfer.config import run_cli
 from xfer.data import CLASSES, IMAGES, REPORTS, SPLIT_NAMES, SPLITS
 from xfer.files import atomic_dir, read_json, write_json
-from xfer.tracking import stage_run
+from xfer.tracking import retry_locked, stage_run
 
 
 def list_images() -> pd.DataFrame:
@@ -90,8 +90,8 @@ def main(cfg: DictConfig) -> None:
         write_json(REPORTS / "split.json", report)
         import mlflow
 
-        mlflow.log_metrics({f"{name}_images": len(frame) for name, frame in parts.items()})
-        mlflow.log_metric("duplicates_dropped", len(duplicates))
+        retry_locked(mlflow.log_metrics, {f"{name}_images": len(frame) for name, frame in parts.items()})
+        retry_locked(mlflow.log_metric, "duplicates_dropped", len(duplicates))
     print("split: " + ", ".join(f"{n} {len(f)}" for n, f in parts.items())
           + f" ({len(duplicates)} duplicate files dropped)")
 

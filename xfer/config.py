@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -132,8 +133,20 @@ def require(cfg: DictConfig, *keys: str) -> None:
             raise XferError(f"params.yaml: key '{key}' is missing or empty; set it in params.yaml or conf/")
 
 
-def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None) -> None:
-    """Entry point shared by the stages: load params with overrides, run, turn expected errors into one line."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``dvc queue kill``, a CI timeout), handled exactly like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None,
+            tensorflow: bool = False) -> None:
+    """Entry point shared by the stages: load params with overrides, run, turn expected errors into one line.
+
+    SIGTERM and Ctrl-C discard partial outputs and mark the MLflow run KILLED. ``tensorflow``: import it
+    quietly (after the params are checked, so a bad override fails fast)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help"):
         doc = (sys.modules[main.__module__].__doc__ or "").strip()
@@ -141,8 +154,17 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
         return
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
+    from xfer.runtime import quiet_mlflow
+
+    quiet_mlflow()
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        main(load_params(argv))
+        cfg = load_params(argv)
+        if tensorflow:
+            from xfer.runtime import import_tensorflow
+
+            import_tensorflow()
+        main(cfg)
     except XferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -154,6 +176,7 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
         print(f"error: params.yaml: key '{exc.full_key}' is missing; restore it from conf/ "
               "(python -m xfer.params) or add it", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print("interrupted; partial outputs were discarded", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}; partial outputs were discarded", file=sys.stderr)
+        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None

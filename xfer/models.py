@@ -10,6 +10,7 @@ import keras
 from omegaconf import DictConfig
 
 from xfer import XferError
+from xfer.files import atomic_path, make_keras_file_deterministic
 
 
 @keras.saving.register_keras_serializable(package="xfer")
@@ -92,6 +93,13 @@ def build_base(bcfg: DictConfig, weights_file: str | Path | None = None, pooling
     return keras.Model(inputs, outputs, name=f"base_{bcfg.name}")
 
 
+def save_model(model: keras.Model, target: str | Path) -> None:
+    """Save a ``.keras`` file atomically and byte-reproducibly (same weights -> same bytes)."""
+    with atomic_path(target) as tmp:
+        model.save(str(tmp))
+        make_keras_file_deterministic(tmp)
+
+
 def backbone_cnn(base: keras.Model) -> keras.Model:
     """The Keras Applications network inside a model made by :func:`build_base`."""
     return next(layer for layer in base.layers if isinstance(layer, keras.Model))
@@ -169,9 +177,11 @@ def unfreeze_from(cnn: keras.Model, layer_name: str) -> int:
 
 
 def training_callbacks(checkpoint: Path, ocfg: DictConfig, extra: list | None = None) -> list:
-    """Best-val_loss checkpoint, early stopping restoring the best weights (``patience``; null disables) and
-    reduce-LR-on-plateau (``reduce_lr_patience``, ``reduce_lr_factor``, ``min_lr``; null patience disables)."""
-    callbacks = [keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True)]
+    """Best-val_loss weights checkpoint (a ``.weights.h5`` path), early stopping restoring the best weights
+    (``patience``; null disables) and reduce-LR-on-plateau (``reduce_lr_patience``, ``reduce_lr_factor``,
+    ``min_lr``; null patience disables)."""
+    callbacks = [keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True,
+                                                 save_weights_only=True)]
     if ocfg.patience is not None:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(ocfg.patience),
                                                        restore_best_weights=True))

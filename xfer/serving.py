@@ -5,10 +5,14 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from xfer.runtime import quiet_mlflow
+
+quiet_mlflow()
 try:
     import mlflow.pyfunc
 
@@ -67,7 +71,7 @@ class ImageClassifier(_PythonModel):
     def load_context(self, context) -> None:
         self.predictor = Predictor.load(context.artifacts["keras_model"], context.artifacts["classes"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         images = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
         return self.predictor.predict(list(images))
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import sqlite3
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,6 +31,10 @@ UPSTREAM = {
 }
 
 
+SQLITE_BUSY_S = 60.0  # how long our own connection waits for SQLite's lock
+T = TypeVar("T")
+
+
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo root>/mlruns/mlflow.db`` (absolute)."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -35,6 +42,71 @@ def tracking_uri() -> str:
     db = repo_root() / "mlruns" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
+    """Call an MLflow function, retrying with backoff while SQLite answers "database is locked" (two writers
+    upgrading their locks at once fail at once, whatever the busy timeout)."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # MlflowException or sqlalchemy's OperationalError, depending on the call
+            if "database is locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(min(0.25 * 2**attempt, 8.0))
+    raise AssertionError("unreachable")
+
+
+def prepare_database(uri: str) -> None:
+    """Safe concurrent use of a SQLite tracking database: writers queue for the lock instead of failing, and
+    the schema is created (or upgraded) by one process at a time, under a file lock beside the database."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import mlflow
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            conn = sqlite3.connect(db, timeout=SQLITE_BUSY_S)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")  # readers (mlflow ui, compare) never block writers
+            finally:
+                conn.close()
+            client = mlflow.MlflowClient(uri, registry_uri=uri)  # creates/verifies the tracking schema
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)  # and the model registry's
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except (psutil.Error, ValueError):
+        return False
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this experiment whose stage process (on this host) no longer exists,
+    e.g. after a SIGKILL or a power cut; return their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host, closed = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("xfer.host") != host or "xfer.pid" not in tags:
+            continue
+        if not _process_alive(int(tags["xfer.pid"]), float(tags.get("xfer.pid_started", 0))):
+            retry_locked(client.set_tag, run.info.run_id, "xfer.closed_because",
+                         "its process ended without closing the run")
+            retry_locked(client.set_terminated, run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
 
 
 def pipeline_id() -> str:
@@ -74,7 +146,7 @@ def set_experiment(name: str, artifacts: str | None) -> None:
             mlflow.create_experiment(name, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by a parallel run
-    mlflow.set_experiment(name)
+    retry_locked(mlflow.set_experiment, name)
 
 
 def git_commit() -> str:
@@ -113,11 +185,18 @@ def upstream_runs(stage: str) -> dict[str, str]:
 def stage_run(stage: str, cfg: DictConfig, sections: list[str]) -> Iterator[Any]:
     """Start the MLflow run of one stage, log its params, and record its run id in reports/runs/<stage>.json."""
     import mlflow
+    import psutil
 
+    from xfer.runtime import quiet_mlflow
+
+    quiet_mlflow()
     own_db = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri() sets the variable
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    prepare_database(uri)
+    mlflow.set_tracking_uri(uri)
     artifacts = (repo_root() / "mlruns" / "artifacts").as_uri() if own_db else None
     set_experiment(experiment_name(cfg), artifacts)
+    close_abandoned_runs(mlflow.get_experiment_by_name(experiment_name(cfg)).experiment_id)
     pid = pipeline_id()
     tags = {
         "stage": stage,
@@ -126,14 +205,21 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str]) -> Iterator[Any]
         "pipeline_id": pid,
         "git_commit": git_commit(),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "xfer.host": socket.gethostname(),
+        "xfer.pid": str(os.getpid()),
+        "xfer.pid_started": str(psutil.Process().create_time()),
     }
     tags.update({f"upstream.{up}": run_id for up, run_id in upstream_runs(stage).items()})
-    with mlflow.start_run(run_name=f"{stage}-{cfg.backbone.name}", tags=tags) as run:
+    with retry_locked(mlflow.start_run, run_name=f"{stage}-{cfg.backbone.name}", tags=tags) as run:
         params = {}
         for section in sections:
             params.update(flatten(OmegaConf.select(cfg, section), section))
-        mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
-        yield run
+        retry_locked(mlflow.log_params, {k: ("null" if v is None else v) for k, v in params.items()})
+        try:
+            yield run
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see config.run_cli): KILLED, not FAILED
+            retry_locked(mlflow.end_run, "KILLED")
+            raise
         write_json(RUNS / f"{stage}.json", {
             "stage": stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
             "pipeline_id": pid, "tracking_uri": mlflow.get_tracking_uri(),
@@ -148,6 +234,6 @@ def epoch_logger():
     class EpochLogger(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             metrics = {k: float(v) for k, v in (logs or {}).items()}
-            mlflow.log_metrics(metrics, step=epoch)
+            retry_locked(mlflow.log_metrics, metrics, step=epoch)
 
     return EpochLogger()

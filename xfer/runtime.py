@@ -1,0 +1,105 @@
+"""How a stage runs TensorFlow: a quiet start-up, seeds and determinism, and one progress bar for training."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+
+# TensorFlow/absl/CUDA start-up lines that say nothing to a CPU user; everything else on stderr still shows.
+STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|Could not find cuda drivers"
+    r"|cuInit|CUDA_ERROR|failed call to cuInit|cuda_executor|cuda_dnn|cuda_blas|cuda_fft"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory"
+    r"|TF-TRT Warning|computation placer already registered"
+    r"|oneDNN custom operations are on"
+    r"|This TensorFlow binary is optimized to use available CPU instructions"
+    r"|To enable the following instructions"
+)
+# MLflow warnings about choices made on purpose: the pyfunc has an explicit signature, so no input example.
+MLFLOW_NOISE = (r".*An input example was not provided when logging the model",)
+
+
+def quiet_mlflow() -> None:
+    """MLflow's INFO chatter off (its warnings stay on), no artifact-download progress bars, and exactly the
+    warnings in MLFLOW_NOISE silenced."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for pattern in MLFLOW_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith("Passing a Python object as `python_model`")
+
+    logging.getLogger("mlflow.pyfunc").addFilter(_Drop())
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow and Keras with their C++ start-up noise (printed before absl's logging is set up, so
+    TF_CPP_MIN_LOG_LEVEL cannot stop it) filtered out of stderr; any other line is passed through."""
+    if "tensorflow" in sys.modules:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        lines = capture.read().decode("utf-8", "replace").splitlines()
+    kept = [line for line in lines if line.strip() and not STARTUP_NOISE.search(line)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy, TensorFlow and Keras; with ``deterministic``, also make TensorFlow's ops
+    deterministic (same inputs, same machine -> same bits; see README "Reproducibility")."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(seed))
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def progress_bar(desc: str):
+    """A Keras callback drawing one tqdm bar over all training steps, with the epoch and the latest
+    loss/accuracy (train and validation) as its postfix. Use with ``fit(verbose=0)``."""
+    import keras
+    from tqdm import tqdm
+
+    class ProgressBar(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None) -> None:
+            self.epochs, steps = self.params.get("epochs") or 1, self.params.get("steps")
+            self.bar = tqdm(total=self.epochs * steps if steps else None, desc=desc, unit="step", file=sys.stderr,
+                            mininterval=1.0, dynamic_ncols=True)
+            self.epoch = 0
+
+        def on_epoch_begin(self, epoch: int, logs=None) -> None:
+            self.epoch = epoch + 1
+            self.bar.set_postfix_str(f"epoch {self.epoch}/{self.epochs}", refresh=False)
+
+        def on_train_batch_end(self, batch: int, logs=None) -> None:
+            self.bar.update(1)
+
+        def on_epoch_end(self, epoch: int, logs=None) -> None:
+            shown = {k: v for k, v in (logs or {}).items() if k.rsplit("_", 1)[-1] in ("loss", "accuracy")}
+            self.bar.set_postfix_str(f"epoch {self.epoch}/{self.epochs} "
+                                     + " ".join(f"{k} {float(v):.4f}" for k, v in shown.items()))
+
+        def on_train_end(self, logs=None) -> None:
+            self.bar.close()
+
+    return ProgressBar()
