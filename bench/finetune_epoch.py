@@ -1,7 +1,7 @@
 """Benchmark: wall time of one fine-tuning epoch (VGG16, 180 px, block5 unfrozen, default augmentation) on
 2,000 images plus a validation pass over 1,000, to choose CPU-sane defaults for finetune.epochs/patience.
 
-usage: python bench/finetune_epoch.py [--train 2000] [--val 1000] [--size 180] [--backbone vgg16]
+usage: python bench/finetune_epoch.py [--train 2000] [--val 1000] [--size 180] [--backbone vgg16] [--deterministic]
 Images are generated JPEGs (weights=None: speed does not depend on the weights' values).
 """
 
@@ -27,9 +27,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=180)
     ap.add_argument("--backbone", default="vgg16")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--deterministic", action="store_true", help="TensorFlow op determinism (runtime.deterministic)")
     args = ap.parse_args()
 
     import keras
+
+    from xfer.runtime import seed_everything
+
+    seed_everything(0, args.deterministic)
 
     from stages.finetune import unfreeze_top
     from xfer.images import image_dataset, synthetic_image
@@ -57,15 +62,15 @@ def main() -> None:
         ds_train = image_dataset(paths[: args.train], labels[: args.train], args.size, args.batch_size, 0)
         ds_val = image_dataset(paths[args.train :], labels[args.train :], args.size, args.batch_size)
         t0 = time.perf_counter()
-        model.fit(ds_train, epochs=1, verbose=2)
+        model.fit(ds_train, epochs=1, verbose=0)
         t1 = time.perf_counter()
         model.evaluate(ds_val, verbose=0)
         t2 = time.perf_counter()
     print(f"{args.backbone} {args.size}px, {unfrozen} layers unfrozen from {bcfg.unfreeze_from}, "
-          f"batch {args.batch_size}")
+          f"batch {args.batch_size}, deterministic={args.deterministic}")
     print(f"train epoch  {args.train} images: {t1 - t0:.0f} s ({args.train / (t1 - t0):.1f} img/s)")
     print(f"validation   {args.val} images: {t2 - t1:.0f} s")
-    print(f"epoch total  {t2 - t0:.0f} s = {(t2 - t0) / 60:.1f} min")
+    print(f"epoch total  {t2 - t0:.1f} s = {(t2 - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +76,21 @@ def tiny_cfg(project):
     from xfer.config import load_params
 
     return load_params(TINY)
+
+
+# Float comparisons across batchings, thread counts, precisions or CPUs. oneDNN picks kernels by batch shape and
+# instruction set (AVX2, AVX-512, AMX), and each sums in its own order: float32 results then differ by a few
+# units of eps = 1.2e-7 per accumulation, i.e. ~1e-6 of the largest magnitude after a deep network (seen: 7e-8
+# absolute where values are near zero, which is 7e-4 *relative*, so rtol alone is the wrong test). 1e-4 of the
+# largest magnitude is 100x that, and still 10,000x below the O(1) change of a wrong image, row or weight.
+FLOAT32_ATOL = 1e-4
+FLOAT16_ULP = 2.0**-10  # float16 storage: two roundings of nearly equal values may differ by one ulp
+
+
+def assert_features_close(actual, expected, dtype: str = "float32") -> None:
+    """``actual`` equals ``expected`` up to float32 summation-order noise (and float16 rounding), measured
+    against the largest magnitude in ``expected``."""
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = float(np.max(np.abs(expected))) or 1.0
+    atol = (FLOAT32_ATOL + (FLOAT16_ULP if dtype == "float16" else 0.0)) * scale
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=0, atol=atol)

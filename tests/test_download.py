@@ -33,6 +33,7 @@ def test_synthetic_source_is_seeded_jpegs(project):
     main(cfg)
     assert (project / "data/raw/images/blobs" / first[0].name).read_bytes() == before
     assert read_json("reports/download.json")["kept"] == 10
+    assert read_json("reports/metrics/download.json") == {"kept": 10, "dropped": 0}
     assert read_json("reports/runs/download.json")["run_id"]
 
 

@@ -1,0 +1,93 @@
+"""MLflow on SQLite under concurrent stages: the schema is created once, locked writes are retried, runs of
+killed processes are closed."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from xfer.tracking import close_abandoned_runs, prepare_database, retry_locked
+
+
+def _first_run(uri: str, name: str, barrier) -> str:
+    import mlflow
+
+    barrier.wait()  # every process hits the fresh database at the same moment
+    prepare_database(uri)
+    client = mlflow.MlflowClient(uri)
+    try:
+        exp = client.create_experiment("race")
+    except mlflow.exceptions.MlflowException:
+        exp = client.get_experiment_by_name("race").experiment_id
+    run = retry_locked(client.create_run, exp, run_name=name)
+    for step in range(5):
+        retry_locked(client.log_metric, run.info.run_id, "m", step, step=step)
+    retry_locked(client.set_terminated, run.info.run_id)
+    return run.info.run_id
+
+
+def test_parallel_first_use_of_a_fresh_database(tmp_path):
+    """Four processes start on a database that does not exist yet (two queued experiments' first stages):
+    without the lock, two of them run MLflow's migrations at once ("table ... already exists")."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with ctx.Pool(4) as pool:
+            ids = pool.starmap(_first_run, [(uri, f"r{i}", barrier) for i in range(4)])
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(ids)
+    assert all(r.info.status == "FINISHED" and r.data.metrics["m"] == 4 for r in runs)
+
+
+def test_retry_locked_retries_only_a_locked_database(monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    calls = []
+
+    def flaky(x):
+        calls.append(x)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return x * 2
+
+    assert retry_locked(flaky, 21) == 42 and len(calls) == 3
+
+    def broken():
+        calls.append("b")
+        raise RuntimeError("no such table: runs")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="no such table"):
+        retry_locked(broken)
+    assert calls == ["b"]
+
+
+def test_running_runs_of_dead_processes_are_marked_killed(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    prepare_database(uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("e")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    orphan = client.create_run(exp, tags={"xfer.host": host, "xfer.pid": dead, "xfer.pid_started": "0"})
+    import psutil
+
+    me = psutil.Process()
+    alive = client.create_run(exp, tags={"xfer.host": host, "xfer.pid": str(me.pid),
+                                         "xfer.pid_started": str(me.create_time())})
+    elsewhere = client.create_run(exp, tags={"xfer.host": "another-machine", "xfer.pid": dead})
+    assert close_abandoned_runs(exp) == [orphan.info.run_id]
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
