@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,24 @@ TINY = [
     "finetune.epochs=1", "finetune.batch_size=8",
     "featurize.batch_size=8", "evaluate.batch_size=8",
 ]
+
+
+@contextmanager
+def tiny_project(folder: Path, stages: list[str], pipeline_id: str) -> Iterator[tuple[Path, object]]:
+    """A copy of the project (working directory, own MLflow database) with ``stages`` run in-process on the
+    TINY params; yields the root and the params."""
+    from xfer.config import load_params
+
+    with pytest.MonkeyPatch.context() as mp:
+        root = copy_project(folder)
+        mp.chdir(root)
+        mp.delenv("DVC_ROOT", raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.setenv("XFER_PIPELINE_ID", pipeline_id)
+        cfg = load_params(TINY)
+        for stage in stages:
+            importlib.import_module(f"stages.{stage}").main(cfg)
+        yield root, cfg
 
 
 @pytest.fixture

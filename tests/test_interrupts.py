@@ -4,7 +4,6 @@ SIGKILL the next run cleans up and closes the orphaned run; a normal run prints 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import signal
 import subprocess
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, copy_project
-from xfer.config import load_params
+from tests.conftest import TINY, tiny_project
 
 # Slow enough to be caught mid-run: batch 1 at 96 px (featurize), many short epochs (finetune).
 SLOW_FEATURIZE = [*TINY, "backbone.image_size=96", "featurize.batch_size=1"]
@@ -25,15 +23,8 @@ SLOW_FINETUNE = [*TINY, "finetune.epochs=500", "finetune.patience=null", "finetu
 @pytest.fixture(scope="module")
 def ready(tmp_path_factory):
     """A tiny project whose download, split, featurize and train_head outputs exist."""
-    with pytest.MonkeyPatch.context() as mp:
-        root = copy_project(tmp_path_factory.mktemp("interrupts") / "proj")
-        mp.chdir(root)
-        mp.delenv("DVC_ROOT", raising=False)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("XFER_PIPELINE_ID", "interrupts")
-        cfg = load_params(TINY)
-        for stage in ("download", "split", "featurize", "train_head"):
-            importlib.import_module(f"stages.{stage}").main(cfg)
+    stages = ["download", "split", "featurize", "train_head"]
+    with tiny_project(tmp_path_factory.mktemp("interrupts") / "proj", stages, "interrupts") as (root, _):
         yield root
 
 

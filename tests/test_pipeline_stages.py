@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY, assert_features_close, copy_project
+from tests.conftest import TINY, assert_features_close, tiny_project
 from xfer import XferError
 from xfer.config import load_params
 from xfer.files import read_json
@@ -18,15 +16,7 @@ STAGES = ["download", "split", "featurize", "train_head", "finetune", "evaluate"
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        root = copy_project(tmp_path_factory.mktemp("tiny") / "proj")
-        mp.chdir(root)
-        mp.delenv("DVC_ROOT", raising=False)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("XFER_PIPELINE_ID", "pipeline-under-test")
-        cfg = load_params(TINY)
-        for stage in STAGES:
-            importlib.import_module(f"stages.{stage}").main(cfg)
+    with tiny_project(tmp_path_factory.mktemp("tiny") / "proj", STAGES, "pipeline-under-test") as (root, cfg):
         yield root, cfg
 
 
