@@ -37,8 +37,9 @@ def main() -> None:
     seed_everything(0, args.deterministic)
 
     from stages.finetune import unfreeze_top
+    from xfer.backbones import build_base
     from xfer.images import image_dataset, synthetic_image
-    from xfer.models import augmentation, build_base, build_head, compile_model
+    from xfer.models import augmentation, build_head, compile_model
 
     bcfg = OmegaConf.load(ROOT / "conf/backbone" / f"{args.backbone}.yaml")
     bcfg.weights, bcfg.image_size = None, args.size

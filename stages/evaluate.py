@@ -3,18 +3,15 @@ features for comparison; register the model in MLflow.
 
 Outputs reports/metrics/evaluate.json (the numbers to compare: accuracy, loss, ROC AUC, ECE, macro F1, and the
 head alone), reports/evaluate.json (everything: per-class and macro precision/recall/F1, confusion matrix, ...),
-reports/plots/{test_predictions,roc}.csv and
-reports/misclassified.png (the most confidently wrong test images). The final model is logged as an MLflow
-pyfunc taking raw images, registered as `<data.name>-classifier` (or evaluate.registered_model) with the alias
-`candidate` moved to the new version.
+reports/plots/{test_predictions,roc}.csv and reports/misclassified.png (the most confidently wrong test images).
+evaluate.tta: [flip] averages the probabilities of each image and its mirror (test-time augmentation). The final
+model is logged as an MLflow pyfunc taking raw images (with the same TTA), registered as `<data.name>-classifier`
+(or evaluate.registered_model) with the alias `candidate` moved to the new version.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import sys
 import time
 
 import numpy as np
@@ -42,7 +39,7 @@ MISCLASSIFIED = REPORTS / "misclassified.png"
 REPORT = REPORTS / "evaluate.json"
 # What `dvc metrics show` / `dvc exp show` list; the rest of the report stays in reports/evaluate.json and MLflow.
 COMPARED = ("test_accuracy", "test_loss", "test_auc", "test_ece", "test_f1_macro", "head_test_accuracy",
-            "head_test_auc", "test_images_per_sec")
+            "head_test_auc", "test_accuracy_without_tta", "test_images_per_sec")
 
 
 def misclassified_grid(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str], n: int,
@@ -73,42 +70,17 @@ def misclassified_grid(paths: list[str], y: np.ndarray, probs: np.ndarray, class
     return len(wrong)
 
 
-def register(cfg: DictConfig, run_id: str, classes_path, model_path) -> str:
-    """Log the pyfunc (raw images in) and register it; move the `candidate` alias to the new version."""
-    import keras
-    import mlflow
-    import tensorflow as tf
-
-    from xfer.serving import ImageClassifier, signature
-
-    name = cfg.evaluate.registered_model or f"{cfg.data.name}-classifier"
-    info = retry_locked(
-        mlflow.pyfunc.log_model,
-        name="model", python_model=ImageClassifier(), signature=signature(),
-        artifacts={"keras_model": str(model_path), "classes": str(classes_path)}, code_paths=["xfer"],
-        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
-                          f"mlflow=={mlflow.__version__}", "pillow", "pandas", "omegaconf", "scikit-learn"],
-    )
-    client = mlflow.MlflowClient()
-    chatter = io.StringIO()  # register_model prints "Successfully registered ..." / "Created version ..."
-    with contextlib.redirect_stderr(chatter):
-        version = retry_locked(mlflow.register_model, info.model_uri, name).version
-    for line in chatter.getvalue().splitlines():
-        if not line.startswith(("Successfully registered model", "Created version", "Registered model")):
-            print(line, file=sys.stderr)
-    for key, value in {"run_id": run_id, "backbone": cfg.backbone.name, "pipeline_id": pipeline_id()}.items():
-        retry_locked(client.set_model_version_tag, name, version, key, value)
-    retry_locked(client.set_registered_model_alias, name, "candidate", version)
-    return f"models:/{name}@candidate (version {version})"
-
-
 def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
     from xfer.images import image_dataset
-    from xfer.serving import Predictor
+    from xfer.serving import Predictor, check_tta, register
 
+    try:
+        tta = check_tta(cfg.evaluate.tta)
+    except ValueError as exc:
+        raise XferError(f"evaluate.{exc}") from None
     for path in (FINAL_MODEL, HEAD_MODEL):
         if not path.is_file():
             raise XferError(f"{path} not found; run the train_head and finetune stages first")
@@ -117,11 +89,13 @@ def main(cfg: DictConfig) -> None:
     y = test["label"].to_numpy()
     bs = int(cfg.evaluate.batch_size)
     with stage_run("evaluate", cfg, ["evaluate"]) as run:
-        predictor = Predictor.load(FINAL_MODEL, CLASSES)
+        predictor = Predictor.load(FINAL_MODEL, CLASSES, tta)
         start = time.perf_counter()
         ds = image_dataset(image_paths(test), y, int(cfg.backbone.image_size), bs)
-        probs = np.concatenate([predictor.probabilities(x.numpy()) for x, _ in ds])
+        views = [predictor.views(x.numpy()) for x, _ in ds]  # per batch: [plain, *tta views]
         seconds = time.perf_counter() - start
+        plain = np.concatenate([v[0] for v in views])
+        probs = np.concatenate([np.mean(v, axis=0) for v in views])
         head = keras.saving.load_model(str(HEAD_MODEL))
         x_test, _ = load_features(cfg.backbone.name, "test")
         head_probs = head.predict(np.asarray(x_test), batch_size=bs, verbose=0)
@@ -130,9 +104,11 @@ def main(cfg: DictConfig) -> None:
         metrics = {f"test_{k}": v for k, v in final.items()}
         metrics.update({f"head_test_{k}": head_only[k] for k in ("accuracy", "loss", "auc", "ece")})
         metrics.update(test_images=len(test), model_params=int(predictor.model.count_params()),
-                       test_images_per_sec=len(test) / seconds)
+                       test_images_per_sec=len(test) / seconds, tta=tta,
+                       test_accuracy_without_tta=classification_metrics(y, plain, classes)["accuracy"])
         write_json(REPORT, metrics)
-        write_json(METRICS / "evaluate.json", {k: round(float(metrics[k]), 6) for k in COMPARED})
+        write_json(METRICS / "evaluate.json", {k: round(float(metrics[k]), 6) for k in COMPARED
+                                               if k != "test_accuracy_without_tta" or tta})
         pred = probs.argmax(axis=1)
         with atomic_path(PLOTS / "test_predictions.csv") as tmp:
             pd.DataFrame({"path": test["path"], "actual": test["class"], "predicted": [classes[i] for i in pred],
@@ -146,8 +122,9 @@ def main(cfg: DictConfig) -> None:
         retry_locked(mlflow.log_dict, metrics, "evaluate.json")
         for artifact in (MISCLASSIFIED, PLOTS / "roc.csv", PLOTS / "test_predictions.csv"):
             retry_locked(mlflow.log_artifact, str(artifact))
-        registered = register(cfg, run.info.run_id, CLASSES, FINAL_MODEL) if cfg.evaluate.register else "not registered"
-    summary = {k: round(float(metrics[k]), 4) for k in COMPARED}
+        registered = (register(cfg, run.info.run_id, CLASSES, FINAL_MODEL, pipeline_id()) if cfg.evaluate.register
+                      else "not registered")
+    summary = {k: round(float(metrics[k]), 4) for k in COMPARED if k != "test_accuracy_without_tta" or tta}
     print(f"evaluate: {json.dumps(summary)}; model {registered}")
 
 

@@ -9,46 +9,18 @@ into memory-mapped .npy files, so memory does not grow with the number of images
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from xfer import XferError
 from xfer.config import run_cli
 from xfer.data import METRICS, SPLIT_NAMES, feature_dir, image_paths, read_manifest
+from xfer.features import BASE_WEIGHTS, DTYPES, featurize_split
 from xfer.fetch import sha256_of
 from xfer.files import atomic_dir, write_json
 from xfer.tracking import retry_locked, stage_run
-
-BASE_WEIGHTS = "base.weights.h5"
-DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def featurize_split(base, paths: list[str], labels: np.ndarray, out: Path, split: str, batch_size: int,
-                    dtype: str = "float32") -> float:
-    """Stream the features of one split into ``out/<split>_features.npy``; return images per second."""
-    from xfer.images import image_dataset
-
-    size = int(base.input_shape[1])
-    shape = (len(paths), *base.output_shape[1:])
-    feats = np.lib.format.open_memmap(out / f"{split}_features.npy", mode="w+", dtype=DTYPES[dtype], shape=shape)
-    ds = image_dataset(paths, labels, size, batch_size)
-    start, row = time.perf_counter(), 0
-    with tqdm(total=len(paths), desc=f"featurize {split}", unit="img", file=sys.stderr, mininterval=2.0) as bar:
-        for images, _ in ds:
-            batch = base.predict_on_batch(images)
-            feats[row : row + len(batch)] = batch
-            row += len(batch)
-            bar.update(len(batch))
-    feats.flush()
-    del feats
-    np.save(out / f"{split}_labels.npy", labels.astype(np.int64), allow_pickle=False)
-    (out / f"{split}_paths.txt").write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
-    return len(paths) / max(time.perf_counter() - start, 1e-9)
 
 
 def weights_sha256(weights: str | None) -> str | None:
@@ -59,7 +31,7 @@ def weights_sha256(weights: str | None) -> str | None:
 def main(cfg: DictConfig) -> None:
     import mlflow
 
-    from xfer.models import backbone_cnn, build_base, set_precision
+    from xfer.backbones import backbone_cnn, build_base, set_precision
     from xfer.runtime import seed_everything
 
     seed_everything(cfg.seed, cfg.runtime.deterministic)

@@ -29,7 +29,8 @@ def assemble(cfg: DictConfig, head, seed: int):
     """Image model: augmentation -> preprocessing -> base (cache weights, inference mode) -> head."""
     import keras
 
-    from xfer.models import augmentation, build_base, set_precision
+    from xfer.backbones import build_base, set_precision
+    from xfer.models import augmentation
 
     features = feature_dir(cfg.backbone.name)
     meta = read_json(features / "meta.json")  # build the base exactly as featurize did
@@ -46,7 +47,7 @@ def assemble(cfg: DictConfig, head, seed: int):
 
 def unfreeze_top(base, boundary: str) -> int:
     """Make the backbone trainable from ``boundary`` on, BatchNorm excluded; return the unfrozen layer count."""
-    from xfer.models import backbone_cnn, unfreeze_from
+    from xfer.backbones import backbone_cnn, unfreeze_from
 
     base.trainable = True  # recursive; unfreeze_from then re-freezes below the boundary and every BatchNorm
     return unfreeze_from(backbone_cnn(base), boundary)
@@ -91,9 +92,9 @@ def main(cfg: DictConfig) -> None:
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "finetune.csv") as curves:
             if f.enabled:
                 trainable = unfreeze_top(base, cfg.backbone.unfreeze_from)
-                compile_model(model, f, n_classes)  # recompile after changing `trainable`
                 size, bs = int(cfg.backbone.image_size), int(f.batch_size)
                 train, val = read_manifest("train"), read_manifest("val")
+                compile_model(model, f, n_classes, steps_per_epoch=-(-len(train) // bs))  # after `trainable`
                 ds_train = image_dataset(image_paths(train), train["label"].to_numpy(), size, bs, shuffle_seed=seed)
                 ds_val = image_dataset(image_paths(val), val["label"].to_numpy(), size, bs)
                 best = Path(tmp) / "best.weights.h5"
@@ -110,7 +111,7 @@ def main(cfg: DictConfig) -> None:
                                 "trainable_weights": len(model.trainable_weights)})
             else:
                 curves.write_text("epoch,loss,accuracy,val_loss,val_accuracy\n")
-                compile_model(model, f, n_classes)
+                compile_model(model, f, n_classes, steps_per_epoch=1)  # exported only, never trained
             save_model(model, FINAL_MODEL)
         write_json(METRICS / "finetune.json", metrics)
         retry_locked(mlflow.log_metrics, {**metrics, **details})

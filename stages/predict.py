@@ -1,8 +1,9 @@
 """Predict: classify image files with the trained model; write a CSV (path, class, probability).
 
 usage: python -m stages.predict FILE_OR_FOLDER [...] [--model models/model.keras | models:/NAME@candidate]
-                                [--classes data/raw/classes.json] [--out predictions.csv]
-Unreadable files are listed and skipped.
+                                [--classes data/raw/classes.json] [--out predictions.csv] [--tta flip|none]
+Unreadable files are listed and skipped. Test-time augmentation follows evaluate.tta in params.yaml unless --tta
+is given (a registered MLflow model applies the TTA it was evaluated with).
 """
 
 from __future__ import annotations
@@ -35,7 +36,17 @@ def collect(targets: list[str]) -> list[Path]:
     return files
 
 
-def load(model: str, classes: str):
+def default_tta() -> list[str]:
+    """evaluate.tta from params.yaml when run in the project, else none."""
+    try:
+        from xfer.config import load_params
+
+        return list(load_params([]).evaluate.get("tta") or [])
+    except Exception:  # noqa: BLE001 - outside the project or an old params.yaml: no TTA
+        return []
+
+
+def load(model: str, classes: str, tta=()):
     """A callable images -> DataFrame[class, probability], from a .keras file or an MLflow model URI."""
     if "://" in model or model.startswith("models:/"):
         import mlflow.pyfunc
@@ -50,7 +61,7 @@ def load(model: str, classes: str):
     for path in (model, classes):
         if not Path(path).is_file():
             raise XferError(f"{path} not found; run the pipeline first (dvc repro) or pass --model/--classes")
-    return Predictor.load(model, classes).predict
+    return Predictor.load(model, classes, tta).predict
 
 
 def predict(files: list[Path], classify, batch: int = 32) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -81,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(FINAL_MODEL), help="a .keras file or an MLflow URI (models:/NAME@candidate)")
     ap.add_argument("--classes", default=str(CLASSES), help="class names JSON (for a .keras model)")
     ap.add_argument("--out", default="predictions.csv")
+    ap.add_argument("--tta", choices=["flip", "none"], default=None,
+                    help="average with the mirrored image (default: evaluate.tta of params.yaml)")
     args = ap.parse_args(argv)
+    tta = default_tta() if args.tta is None else ([] if args.tta == "none" else [args.tta])
     try:
         files = collect(args.targets)
-        frame, skipped = predict(files, load(args.model, args.classes))
+        frame, skipped = predict(files, load(args.model, args.classes, tta))
         with atomic_path(args.out) as tmp:
             frame.to_csv(tmp, index=False, lineterminator="\n")
     except XferError as exc:

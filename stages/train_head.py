@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from xfer import XferError
 from xfer.config import run_cli
-from xfer.data import CLASSES, HEAD_MODEL, METRICS, PLOTS, load_features
+from xfer.data import CLASSES, HEAD_MODEL, METRICS, PLOTS, load_features, load_training_features
 from xfer.files import atomic_path, read_json, write_json
 from xfer.tracking import epoch_logger, retry_locked, stage_run
 
@@ -31,11 +31,11 @@ def main(cfg: DictConfig) -> None:
     if not CLASSES.is_file():
         raise XferError(f"{CLASSES} not found; run the download stage first (dvc repro download)")
     n_classes = len(read_json(CLASSES))
-    x_train, y_train = load_features(cfg.backbone.name, "train")
+    x_train, y_train, views = load_training_features(cfg.backbone.name)
     x_val, y_val = load_features(cfg.backbone.name, "val")
     with stage_run("train_head", cfg, ["head", "seed"]):
         model = build_head(x_train.shape[1:], n_classes, h)
-        compile_model(model, h, n_classes)
+        compile_model(model, h, n_classes, steps_per_epoch=-(-len(x_train) // int(h.batch_size)))
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "head.csv") as curves:
             best = Path(tmp) / "best.weights.h5"
             callbacks = training_callbacks(best, h, [keras.callbacks.CSVLogger(str(curves)), epoch_logger(),
@@ -51,7 +51,8 @@ def main(cfg: DictConfig) -> None:
         metrics = {"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_acc), 6)}
         write_json(METRICS / "head.json", metrics)
         retry_locked(mlflow.log_metrics, {"best_val_loss": val_loss, "best_val_accuracy": val_acc, "epochs": epochs,
-                            "params": model.count_params()})
+                                          "params": model.count_params(), "train_rows": len(x_train),
+                                          "train_views": views})
         retry_locked(mlflow.log_artifact, str(HEAD_MODEL), artifact_path="model")
     print(f"train_head: {json.dumps({**metrics, 'epochs': epochs})}")
 

@@ -24,16 +24,16 @@ def backbone_cfg(name: str, **overrides):
     return OmegaConf.merge(cfg, overrides)
 
 
-def test_registry_has_the_seven_backbones():
+def test_registry_has_the_eight_backbones():
     assert set(BACKBONES) >= {"vgg16", "vgg19", "resnet50v2", "xception", "inceptionv3", "mobilenetv2",
-                              "efficientnetv2b0"}
+                              "efficientnetv2b0", "mobilenet"}
 
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_builds_featurizes_and_has_its_boundary(name):
     import keras
 
-    from xfer.models import backbone_cnn, build_base, unfreeze_from
+    from xfer.backbones import backbone_cnn, build_base, unfreeze_from
 
     cfg = backbone_cfg(name)
     base = build_base(cfg)
@@ -52,7 +52,7 @@ def test_backbone_builds_featurizes_and_has_its_boundary(name):
 def test_weights_file_reproduces_features_exactly(tmp_path):
     import keras
 
-    from xfer.models import backbone_cnn, build_base
+    from xfer.backbones import backbone_cnn, build_base
 
     keras.utils.set_random_seed(1)
     first = build_base(backbone_cfg("mobilenetv2"))
@@ -68,7 +68,7 @@ def test_weights_file_reproduces_features_exactly(tmp_path):
 
 
 def test_bad_weights_and_layers_are_one_line_errors(tmp_path):
-    from xfer.models import build_base
+    from xfer.backbones import build_base
 
     with pytest.raises(XferError, match="file .*missing.weights.h5 not found"):
         build_base(backbone_cfg("vgg16", weights=str(tmp_path / "missing.weights.h5")))
@@ -77,7 +77,7 @@ def test_bad_weights_and_layers_are_one_line_errors(tmp_path):
 
 
 def test_imagenet_offline_names_the_file():
-    from xfer.models import build_base
+    from xfer.backbones import build_base
 
     with pytest.raises(XferError, match=r"could not download vgg16_weights_tf_dim_ordering_tf_kernels_notop\.h5.*"
                                         r"~/.keras/models/.*backbone.weights="):
@@ -85,7 +85,7 @@ def test_imagenet_offline_names_the_file():
 
 
 def test_feature_layer_cuts_the_base_earlier():
-    from xfer.models import build_base
+    from xfer.backbones import build_base
 
     base = build_base(backbone_cfg("vgg16", feature_layer="block4_pool", image_size=64))
     assert base.output_shape == (None, 4, 4, 512)
@@ -103,8 +103,8 @@ def write_images(folder, n):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_featurize_rows_follow_the_manifest_order(tmp_path, dtype):
     """Shuffling the manifest shuffles the feature rows with it: row i always belongs to path i."""
-    from stages.featurize import featurize_split
-    from xfer.models import build_base
+    from xfer.backbones import build_base
+    from xfer.features import featurize_split
 
     base = build_base(backbone_cfg("vgg16"), pooling="max")
     paths = write_images(tmp_path, 7)

@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import REPO
 from xfer import XferError
-from xfer.config import compose_conf, load_params, repo_root, run_cli
+from xfer.config import choices, compose_conf, load_params, repo_root, run_cli
 from xfer.params import composed_yaml
 
 
@@ -39,6 +39,16 @@ def test_defaults_and_demo_preset():
     assert demo.backbone.image_size < cfg.backbone.image_size
 
 
+def test_offline_presets_use_real_weights_from_their_backbone_folder():
+    mobile = compose_conf(["experiment=mobilenet-offline"])
+    assert (mobile.backbone.constructor, mobile.backbone.kwargs.alpha, mobile.backbone.image_size) == \
+        ("MobileNet", 0.25, 224)
+    assert mobile.backbone.weights == "weights/mobilenet/mobilenet_2_5_224_tf_no_top.h5"
+    vgg = compose_conf(["experiment=vgg16-offline"])
+    assert vgg.backbone.weights.startswith("weights/vgg16/") and vgg.backbone.weights.endswith(".weights.h5")
+    assert (vgg.backbone.feature_layer, vgg.backbone.unfreeze_from) == ("block4_pool", "block4_conv1")
+
+
 def test_stage_overrides_reach_the_config(project):
     cfg = load_params(["head.units=128", "backbone=resnet50v2", "backbone.weights=null"])
     assert cfg.head.units == 128
@@ -53,7 +63,7 @@ def test_hand_edits_of_params_yaml_are_read(project):
 
 
 @pytest.mark.parametrize("override, expected", [
-    (["backbone=nope"], "valid choices: efficientnetv2b0, inceptionv3, mobilenetv2, resnet50v2, vgg16, vgg19"),
+    (["backbone=nope"], "valid choices: efficientnetv2b0, inceptionv3, mobilenet, mobilenetv2, resnet50v2, vgg16"),
     (["head.nope=3"], "head.nope: no such key in params.yaml; valid keys at head: name, pooling, units"),
     (["data=archive"], "'data.url' must be set"),
 ])
@@ -134,7 +144,7 @@ def test_repo_root_escapes_dvc_temp_experiments(tmp_path, monkeypatch):
 def test_dvc_yaml_declares_only_keys_that_exist_and_each_stage_script():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert list(dvc["stages"]) == ["download", "split", "featurize", "train_head", "finetune", "evaluate"]
+    assert list(dvc["stages"]) == ["download", "split", "featurize", "views", "train_head", "finetune", "evaluate"]
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"python -m stages.{name}"
         assert f"stages/{name}.py" in stage["deps"]
@@ -147,3 +157,10 @@ def test_dvc_yaml_declares_only_keys_that_exist_and_each_stage_script():
     for upstream in ("download", "split", "featurize"):
         assert not any(k.startswith("head") for k in dvc["stages"][upstream]["params"])
     assert Path(REPO / "mlruns" / ".gitignore").is_file()
+    # featurize depends on the weights of its own backbone only, and every backbone has that folder
+    assert "weights/${backbone.name}" in dvc["stages"]["featurize"]["deps"]
+    assert "weights" not in dvc["stages"]["featurize"]["deps"]
+    for name in choices("backbone", REPO):
+        assert (REPO / "weights" / name).is_dir(), f"weights/{name}/ missing (a featurize dependency)"
+    # the augmented views are their own stage: changing K or the augmentation does not rerun featurize
+    assert not any(k.startswith(("featurize.train_views", "finetune")) for k in dvc["stages"]["featurize"]["params"])

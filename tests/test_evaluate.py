@@ -45,20 +45,22 @@ def test_expected_calibration_error():
     assert expected_calibration_error(np.array([0, 1]), perfect) == pytest.approx(0.0)
 
 
-def fake_pipeline(client, exp_id, backbone, accuracy, ips, exp_name):
+def fake_pipeline(client, exp_id, backbone, accuracy, ips, exp_name, seed=42, units=256):
     """Record featurize/train_head/finetune/evaluate runs linked by upstream tags, as the stages do."""
-    def run(stage, metrics, tags):
+    def run(stage, metrics, tags, params=None):
         r = client.create_run(exp_id, run_name=f"{stage}-{backbone}",
-                              tags={"stage": stage, "backbone": backbone, "pipeline_id": f"p-{backbone}",
+                              tags={"stage": stage, "backbone": backbone, "pipeline_id": f"p-{backbone}-{seed}",
                                     "dvc_exp_name": exp_name, **tags})
         for k, v in metrics.items():
             client.log_metric(r.info.run_id, k, v)
+        for k, v in (params or {}).items():
+            client.log_param(r.info.run_id, k, v)
         client.set_terminated(r.info.run_id)
         return r.info.run_id
 
-    feat = run("featurize", {"images_per_sec": ips}, {})
-    head = run("train_head", {}, {"upstream.featurize": feat})
-    ft = run("finetune", {}, {"upstream.train_head": head, "upstream.featurize": feat})
+    feat = run("featurize", {"images_per_sec": ips}, {}, {"backbone.name": backbone})
+    head = run("train_head", {}, {"upstream.featurize": feat}, {"head.units": units, "seed": seed})
+    ft = run("finetune", {}, {"upstream.train_head": head, "upstream.featurize": feat}, {"seed": seed})
     return run("evaluate", {"test_accuracy": accuracy, "test_auc": accuracy + 0.01, "model_params": 1e6},
                {"upstream.finetune": ft, "upstream.train_head": head})
 
@@ -74,7 +76,7 @@ def test_leaderboard_from_a_temporary_mlflow_database(tmp_path, monkeypatch):
     slow = fake_pipeline(client, exp_id, "vgg16", 0.91, 40.0, "exp-a")
     fast = fake_pipeline(client, exp_id, "mobilenetv2", 0.95, 120.0, "exp-b")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert main(["--experiment", "pets", "--out", str(tmp_path / "cmp")]) == 0
+    assert main(["--experiment", "pets", "--per-run", "--out", str(tmp_path / "cmp")]) == 0
     import pandas as pd
 
     board = pd.read_csv(tmp_path / "cmp/leaderboard.csv")
@@ -86,3 +88,28 @@ def test_leaderboard_from_a_temporary_mlflow_database(tmp_path, monkeypatch):
     assert md.splitlines()[2].startswith("| mobilenetv2 | exp-b | 0.9500 | 0.9600")
     assert (tmp_path / "cmp/leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["--experiment", "nope", "--out", str(tmp_path / "cmp")]) == 2
+
+
+def test_leaderboard_groups_seeds_with_mean_and_spread(tmp_path, monkeypatch):
+    """Runs sharing every parameter except the seed form one row: mean ± std and the number of seeds."""
+    import mlflow
+    import pandas as pd
+
+    from xfer.compare import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("pets", artifact_location=(tmp_path / "art").as_uri())
+    for seed, acc in [(1, 0.90), (2, 0.92), (3, 0.94)]:
+        fake_pipeline(client, exp_id, "vgg16", acc, 40.0, f"s{seed}", seed=seed)
+    fake_pipeline(client, exp_id, "vgg16", 0.95, 40.0, "wide", seed=1, units=512)  # other params: own row
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["--experiment", "pets", "--out", str(tmp_path / "cmp")]) == 0
+    board = pd.read_csv(tmp_path / "cmp/leaderboard.csv")
+    assert list(board["seeds"]) == [1, 3] and list(board["experiment"]) == ["wide", "s1, s2, s3"]
+    assert board["test_accuracy"].tolist() == pytest.approx([0.95, 0.92])
+    assert board["test_accuracy_std"].tolist() == pytest.approx([0.0, 0.02])
+    md = (tmp_path / "cmp/leaderboard.md").read_text()
+    assert "| vgg16 | s1, s2, s3 | 3 | 0.9200 ± 0.0200 |" in md
+    assert main(["--experiment", "pets", "--per-run", "--out", str(tmp_path / "runs")]) == 0
+    assert len(pd.read_csv(tmp_path / "runs/leaderboard.csv")) == 4

@@ -11,7 +11,7 @@ from xfer import XferError
 from xfer.config import load_params
 from xfer.files import read_json
 
-STAGES = ["download", "split", "featurize", "train_head", "finetune", "evaluate"]
+STAGES = ["download", "split", "featurize", "views", "train_head", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def test_features_match_a_fresh_forward_pass(tiny_run):
     root, cfg = tiny_run
     import keras
 
+    from xfer.backbones import build_base
     from xfer.images import decode_and_resize
-    from xfer.models import build_base
 
     base = build_base(cfg.backbone, root / "data/features/vgg16/base.weights.h5")
     paths = (root / "data/features/vgg16/val_paths.txt").read_text().splitlines()

@@ -14,6 +14,7 @@ IMAGES = RAW / "images"
 CLASSES = RAW / "classes.json"
 SPLITS = Path("data/splits")
 FEATURES = Path("data/features")
+VIEWS = Path("data/views")
 MODELS = Path("models")
 HEAD_MODEL = MODELS / "head.keras"
 FINAL_MODEL = MODELS / "model.keras"
@@ -48,3 +49,22 @@ def load_features(backbone: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         if not p.is_file():
             raise XferError(f"{p} not found; run the featurize stage for backbone '{backbone}' first")
     return np.load(x_path, mmap_mode="r", allow_pickle=False), np.load(y_path, allow_pickle=False)
+
+
+def views_dir(backbone: str) -> Path:
+    return VIEWS / backbone
+
+
+def load_training_features(backbone: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """The training rows for the head: the cached train features, followed by the augmented views of the
+    views stage when there are any (featurize.train_views > 0); also returns the number of views."""
+    x, y = load_features(backbone, "train")
+    path = views_dir(backbone) / "train_features.npy"
+    if not path.is_file():
+        return x, y, 0
+    xv = np.load(path, mmap_mode="r", allow_pickle=False)
+    yv = np.load(views_dir(backbone) / "train_labels.npy", allow_pickle=False)
+    if xv.shape[1:] != x.shape[1:] or len(xv) % max(len(x), 1):
+        raise XferError(f"{path}: views {xv.shape} do not match the train features {x.shape}; rerun the views "
+                        "stage (dvc repro views)")
+    return np.concatenate([x, xv]), np.concatenate([y, yv]), len(xv) // max(len(x), 1)

@@ -1,9 +1,7 @@
-"""Keras models: the frozen backbone (with its own preprocessing), the dense head, the fine-tuning model."""
+"""Keras models: the dense head, optimizers, augmentation, training callbacks, byte-reproducible saving."""
 
 from __future__ import annotations
 
-import importlib
-import re
 from pathlib import Path
 
 import keras
@@ -13,96 +11,11 @@ from xfer import XferError
 from xfer.files import atomic_path, make_keras_file_deterministic
 
 
-@keras.saving.register_keras_serializable(package="xfer")
-class Preprocess(keras.layers.Layer):
-    """The backbone's own ``preprocess_input`` as a saveable layer (inputs: RGB floats in [0, 255])."""
-
-    def __init__(self, module: str, **kwargs):
-        super().__init__(**kwargs)
-        self.module = module
-        self._fn = importlib.import_module(f"keras.applications.{module}").preprocess_input
-
-    def call(self, x):
-        return self._fn(x)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "module": self.module}
-
-
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-
-
-def set_precision(precision: str) -> None:
-    """Keras mixed precision: ``float32`` (default) | ``bfloat16`` | ``float16`` compute."""
-    if precision not in PRECISIONS:
-        raise XferError(f"runtime.precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
-    keras.mixed_precision.set_global_policy(PRECISIONS[precision])
-
-
-def build_base(bcfg: DictConfig, weights_file: str | Path | None = None, pooling: str | None = None) -> keras.Model:
-    """The backbone without its top: images in [0, 255] -> feature maps (or vectors with ``pooling`` avg/max),
-    preprocessing included.
-
-    ``weights_file`` (a ``.weights.h5`` saved by featurize) takes precedence over ``bcfg.weights``.
-    """
-    try:
-        ctor = getattr(keras.applications, bcfg.constructor)
-    except AttributeError:
-        raise XferError(f"backbone.constructor: keras.applications has no '{bcfg.constructor}'") from None
-    weights = bcfg.weights if weights_file is None else None
-    file_weights = weights_file
-    if weights not in (None, "imagenet"):
-        file_weights, weights = Path(weights), None
-        if not file_weights.is_file():
-            raise XferError(f"backbone.weights: file {file_weights} not found; use imagenet, null or a "
-                            ".weights.h5 path")
-    size = int(bcfg.image_size)
-    try:
-        cnn = ctor(include_top=False, weights=weights, input_shape=(size, size, 3))
-    except Exception as exc:  # Keras raises a plain Exception for a failed weights download
-        url = re.search(r"https?://\S+?\.h5", str(exc))
-        if weights != "imagenet" or not url:
-            raise
-        name = url.group(0).rsplit("/", 1)[-1]
-        raise XferError(f"backbone.weights=imagenet: could not download {name} (offline?); copy it from "
-                        f"{url.group(0)} into ~/.keras/models/, or pass backbone.weights=/path/to/file.weights.h5"
-                        ) from None
-    if bcfg.feature_layer:
-        try:
-            out = cnn.get_layer(bcfg.feature_layer).output
-        except ValueError:
-            raise XferError(f"backbone.feature_layer: {bcfg.constructor} has no layer '{bcfg.feature_layer}'") \
-                from None
-        cnn = keras.Model(cnn.input, out, name=cnn.name)
-    if file_weights is not None:
-        try:
-            cnn.load_weights(str(file_weights))
-        except Exception as exc:
-            raise XferError(f"backbone weights {file_weights} do not fit {bcfg.constructor}: "
-                            f"{' '.join(str(exc).split())[:160]}") from None
-    inputs = keras.Input((size, size, 3), name="image")
-    x = Preprocess(bcfg.module, name="preprocess")(inputs)
-    x = cnn(x, training=False)
-    if pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
-    elif pooling is not None:
-        raise XferError(f"featurize.pooling: '{pooling}' is not one of null, avg, max")
-    outputs = keras.layers.Activation("linear", dtype="float32", name="features")(x)  # float32 out, any policy
-    return keras.Model(inputs, outputs, name=f"base_{bcfg.name}")
-
-
 def save_model(model: keras.Model, target: str | Path) -> None:
     """Save a ``.keras`` file atomically and byte-reproducibly (same weights -> same bytes)."""
     with atomic_path(target) as tmp:
         model.save(str(tmp))
         make_keras_file_deterministic(tmp)
-
-
-def backbone_cnn(base: keras.Model) -> keras.Model:
-    """The Keras Applications network inside a model made by :func:`build_base`."""
-    return next(layer for layer in base.layers if isinstance(layer, keras.Model))
 
 
 def build_head(feature_shape: tuple[int, ...], n_classes: int, hcfg: DictConfig) -> keras.Model:
@@ -124,13 +37,52 @@ def build_head(feature_shape: tuple[int, ...], n_classes: int, hcfg: DictConfig)
     return keras.Model(inputs, outputs, name="head")
 
 
-def loss_for(n_classes: int) -> str:
-    return "binary_crossentropy" if n_classes == 2 else "sparse_categorical_crossentropy"
+@keras.saving.register_keras_serializable(package="xfer")
+class SparseSmoothedCrossentropy(keras.losses.Loss):
+    """Categorical cross-entropy with label smoothing on integer labels (Keras's sparse loss has no smoothing)."""
+
+    def __init__(self, n_classes: int, label_smoothing: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.n_classes, self.label_smoothing = int(n_classes), float(label_smoothing)
+        self._cce = keras.losses.CategoricalCrossentropy(label_smoothing=self.label_smoothing)
+
+    def call(self, y_true, y_pred):
+        labels = keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32")
+        return self._cce(keras.ops.one_hot(labels, self.n_classes), y_pred)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "n_classes": self.n_classes, "label_smoothing": self.label_smoothing}
 
 
-def optimizer(ocfg: DictConfig) -> keras.optimizers.Optimizer:
-    """rmsprop | adam | sgd (with momentum) at ``learning_rate``."""
-    lr = float(ocfg.learning_rate)
+def loss_for(n_classes: int, label_smoothing: float = 0.0):
+    """Binary (sigmoid) or sparse categorical (softmax) cross-entropy, with optional label smoothing."""
+    if n_classes == 2:
+        return keras.losses.BinaryCrossentropy(label_smoothing=float(label_smoothing))
+    if label_smoothing:
+        return SparseSmoothedCrossentropy(n_classes, label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy()
+
+
+def learning_rate(ocfg: DictConfig, steps_per_epoch: int | None = None):
+    """``schedule: constant`` (``learning_rate``) or ``cosine``: linear warm-up from 0 over ``warmup_epochs``,
+    then cosine decay to 0 by the last of ``epochs`` (needs the steps per epoch)."""
+    lr, schedule = float(ocfg.learning_rate), ocfg.get("schedule") or "constant"
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise XferError(f"schedule: '{schedule}' is not one of constant, cosine")
+    if not steps_per_epoch:
+        raise XferError("schedule: cosine needs a known number of steps per epoch")
+    warmup = int(ocfg.get("warmup_epochs") or 0) * steps_per_epoch
+    total = max(int(ocfg.epochs) * steps_per_epoch - warmup, 1)
+    if warmup:
+        return keras.optimizers.schedules.CosineDecay(0.0, total, warmup_target=lr, warmup_steps=warmup)
+    return keras.optimizers.schedules.CosineDecay(lr, total)
+
+
+def optimizer(ocfg: DictConfig, steps_per_epoch: int | None = None) -> keras.optimizers.Optimizer:
+    """rmsprop | adam | sgd (with momentum) at ``learning_rate`` (constant or a warm-up + cosine schedule)."""
+    lr = learning_rate(ocfg, steps_per_epoch)
     if ocfg.optimizer == "rmsprop":
         return keras.optimizers.RMSprop(learning_rate=lr)
     if ocfg.optimizer == "adam":
@@ -140,8 +92,9 @@ def optimizer(ocfg: DictConfig) -> keras.optimizers.Optimizer:
     raise XferError(f"optimizer: '{ocfg.optimizer}' is not one of rmsprop, adam, sgd")
 
 
-def compile_model(model: keras.Model, ocfg: DictConfig, n_classes: int) -> None:
-    model.compile(optimizer=optimizer(ocfg), loss=loss_for(n_classes), metrics=["accuracy"])
+def compile_model(model: keras.Model, ocfg: DictConfig, n_classes: int, steps_per_epoch: int | None = None) -> None:
+    model.compile(optimizer=optimizer(ocfg, steps_per_epoch),
+                  loss=loss_for(n_classes, ocfg.get("label_smoothing") or 0.0), metrics=["accuracy"])
 
 
 def augmentation(acfg: DictConfig, seed: int) -> keras.Sequential:
@@ -162,30 +115,16 @@ def augmentation(acfg: DictConfig, seed: int) -> keras.Sequential:
     return keras.Sequential(layers, name="augment")
 
 
-def unfreeze_from(cnn: keras.Model, layer_name: str) -> int:
-    """Make ``layer_name`` and every later layer trainable, except BatchNormalization; return the count."""
-    names = [layer.name for layer in cnn.layers]
-    if layer_name not in names:
-        raise XferError(f"backbone.unfreeze_from: {cnn.name} has no layer '{layer_name}'")
-    cnn.trainable = True
-    start = names.index(layer_name)
-    count = 0
-    for i, layer in enumerate(cnn.layers):
-        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
-        count += bool(layer.trainable and layer.weights)
-    return count
-
-
 def training_callbacks(checkpoint: Path, ocfg: DictConfig, extra: list | None = None) -> list:
     """Best-val_loss weights checkpoint (a ``.weights.h5`` path), early stopping restoring the best weights
     (``patience``; null disables) and reduce-LR-on-plateau (``reduce_lr_patience``, ``reduce_lr_factor``,
-    ``min_lr``; null patience disables)."""
+    ``min_lr``; null patience disables; not with a cosine schedule, which sets the rate itself)."""
     callbacks = [keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True,
                                                  save_weights_only=True)]
     if ocfg.patience is not None:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=int(ocfg.patience),
                                                        restore_best_weights=True))
-    if ocfg.reduce_lr_patience is not None:
+    if ocfg.reduce_lr_patience is not None and (ocfg.get("schedule") or "constant") == "constant":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=float(ocfg.reduce_lr_factor),
                                                            patience=int(ocfg.reduce_lr_patience),
                                                            min_lr=float(ocfg.min_lr)))

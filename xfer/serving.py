@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +41,46 @@ def decode(image, size: int) -> np.ndarray:
     return tf.image.resize(arr, (size, size)).numpy().astype(np.float32)
 
 
-class Predictor:
-    """A Keras image model plus its class names: ``predict(images) -> DataFrame[class, probability]``."""
+TTA_VIEWS = ("flip",)  # test-time augmentation: views whose probabilities are averaged with the image's
 
-    def __init__(self, model, classes: list[str]):
-        self.model, self.classes = model, list(classes)
+
+def check_tta(tta) -> list[str]:
+    """A list of TTA views (``[]`` or ``[flip]``); anything else is refused in one line."""
+    views = list(tta or [])
+    for view in views:
+        if view not in TTA_VIEWS:
+            raise ValueError(f"tta: '{view}' is not one of {', '.join(TTA_VIEWS)} (or an empty list)")
+    return views
+
+
+class Predictor:
+    """A Keras image model plus its class names: ``predict(images) -> DataFrame[class, probability]``.
+    With ``tta=["flip"]`` the probabilities are the mean over the image and its horizontal mirror."""
+
+    def __init__(self, model, classes: list[str], tta=()):
+        self.model, self.classes, self.tta = model, list(classes), check_tta(tta)
         self.size = int(model.input_shape[1])
 
     @classmethod
-    def load(cls, model_path: str | Path, classes_path: str | Path) -> Predictor:
+    def load(cls, model_path: str | Path, classes_path: str | Path, tta=()) -> Predictor:
         import keras
 
-        import xfer.models  # noqa: F401 - registers the Preprocess layer
+        import xfer.backbones  # noqa: F401 - registers the Preprocess layer
+        import xfer.models  # noqa: F401 - registers the smoothed loss
 
-        return cls(keras.saving.load_model(str(model_path)), json.loads(Path(classes_path).read_text()))
+        return cls(keras.saving.load_model(str(model_path)), json.loads(Path(classes_path).read_text()), tta)
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+    def views(self, batch: np.ndarray) -> list[np.ndarray]:
+        """(n, k) class probabilities of each view: the batch itself first, then each TTA view."""
         from xfer.metrics import as_matrix
 
-        return as_matrix(self.model.predict(batch, verbose=0, batch_size=32))
+        out = [as_matrix(self.model.predict(batch, verbose=0, batch_size=32))]
+        if "flip" in self.tta:
+            out.append(as_matrix(self.model.predict(batch[:, :, ::-1, :], verbose=0, batch_size=32)))
+        return out
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return np.mean(self.views(batch), axis=0)
 
     def predict(self, images: list) -> pd.DataFrame:
         p = self.probabilities(np.stack([decode(img, self.size) for img in images]))
@@ -66,10 +90,12 @@ class Predictor:
 
 class ImageClassifier(_PythonModel):
     """MLflow pyfunc: a DataFrame with an ``image`` column (file bytes, or base64 over REST; decoded arrays
-    from Python) -> a DataFrame with ``class`` and ``probability``."""
+    from Python) -> a DataFrame with ``class`` and ``probability`` (with the TTA evaluate used)."""
 
     def load_context(self, context) -> None:
-        self.predictor = Predictor.load(context.artifacts["keras_model"], context.artifacts["classes"])
+        settings = context.artifacts.get("settings")
+        tta = json.loads(Path(settings).read_text()).get("tta", []) if settings else []
+        self.predictor = Predictor.load(context.artifacts["keras_model"], context.artifacts["classes"], tta)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         images = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
@@ -82,3 +108,36 @@ def signature():
 
     return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                           outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability")]))
+
+
+def register(cfg, run_id: str, classes_path, model_path, pipeline: str) -> str:
+    """Log the pyfunc (raw images in) and register it; move the `candidate` alias to the new version."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+
+    from xfer.tracking import retry_locked
+
+    name = cfg.evaluate.registered_model or f"{cfg.data.name}-classifier"
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Path(tmp) / "settings.json"
+        settings.write_text(json.dumps({"tta": list(cfg.evaluate.tta or [])}))
+        info = retry_locked(
+            mlflow.pyfunc.log_model,
+            name="model", python_model=ImageClassifier(), signature=signature(),
+            artifacts={"keras_model": str(model_path), "classes": str(classes_path), "settings": str(settings)},
+            code_paths=["xfer"],
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
+                              f"mlflow=={mlflow.__version__}", "pillow", "pandas", "omegaconf", "scikit-learn"],
+        )
+    client = mlflow.MlflowClient()
+    chatter = io.StringIO()  # register_model prints "Successfully registered ..." / "Created version ..."
+    with contextlib.redirect_stderr(chatter):
+        version = retry_locked(mlflow.register_model, info.model_uri, name).version
+    for line in chatter.getvalue().splitlines():
+        if not line.startswith(("Successfully registered model", "Created version", "Registered model")):
+            print(line, file=sys.stderr)
+    for key, value in {"run_id": run_id, "backbone": cfg.backbone.name, "pipeline_id": pipeline}.items():
+        retry_locked(client.set_model_version_tag, name, version, key, value)
+    retry_locked(client.set_registered_model_alias, name, "candidate", version)
+    return f"models:/{name}@candidate (version {version})"

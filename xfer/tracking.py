@@ -25,7 +25,8 @@ UPSTREAM = {
     "download": [],
     "split": ["download"],
     "featurize": ["split"],
-    "train_head": ["featurize"],
+    "views": ["featurize"],
+    "train_head": ["featurize", "views"],
     "finetune": ["train_head", "featurize"],
     "evaluate": ["finetune", "train_head"],
 }
