@@ -58,8 +58,9 @@ def test_features_match_a_fresh_forward_pass(tiny_run):
 def test_head_and_finetune_outputs(tiny_run):
     root, _ = tiny_run
     head = read_json(root / "reports/metrics/head.json")
-    assert set(head) >= {"val_loss", "val_accuracy"} and head["epochs"] >= 1
+    assert set(head) == {"val_loss", "val_accuracy"}  # `dvc metrics show`: what a user compares
     curves = pd.read_csv(root / "reports/plots/head.csv")
+    assert len(curves) >= 1
     assert list(curves.columns[:1]) == ["epoch"] and {"val_loss", "val_accuracy"} <= set(curves.columns)
     assert set(read_json(root / "reports/metrics/finetune.json")) == {"val_loss", "val_accuracy"}
     import mlflow
