@@ -121,3 +121,18 @@ def test_after_sigkill_the_next_run_cleans_up_and_closes_the_orphan(ready):
     for noise in ("absl", "cuda", "cuInit", "oneDNN", "Warning", "WARNING", "INFO"):
         assert noise not in err, f"{noise!r} in stderr:\n{err}"
     assert "featurize train: 100%" in err
+
+
+def test_training_and_evaluation_print_a_bar_and_one_summary_line(ready):
+    """finetune and evaluate as a user sees them: no Keras per-epoch lines, no MLflow warnings or registry chatter."""
+    root = ready
+    for stage, first_words in (("finetune", "finetune: {"), ("evaluate", "evaluate: {")):
+        proc = start(root, stage, TINY)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip().splitlines() == [out.strip()] and out.startswith(first_words), out
+        for noise in ("absl", "cuda", "Warning", "WARNING", "INFO", "Successfully registered", "Created version",
+                      "Epoch 1/", "Downloading artifacts"):
+            assert noise not in err, f"{stage}: {noise!r} in stderr:\n{err}"
+        if stage == "finetune":
+            assert "finetune: 100%" in err  # its progress bar

@@ -33,11 +33,16 @@ def quiet_mlflow() -> None:
     for pattern in MLFLOW_NOISE:
         warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
 
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not record.getMessage().startswith("Passing a Python object as `python_model`")
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    if not any(isinstance(f, _PythonModelObjectNotice) for f in pyfunc_log.filters):
+        pyfunc_log.addFilter(_PythonModelObjectNotice())
 
-    logging.getLogger("mlflow.pyfunc").addFilter(_Drop())
+
+class _PythonModelObjectNotice(logging.Filter):
+    """Drops MLflow's notice that a python_model object is pickled (ours is a small class in xfer/serving.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passing a Python object as `python_model`")
 
 
 def import_tensorflow() -> None:
