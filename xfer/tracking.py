@@ -59,8 +59,9 @@ def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: 
 
 
 def prepare_database(uri: str) -> None:
-    """Safe concurrent use of a SQLite tracking database: writers queue for the lock instead of failing, and
-    the schema is created (or upgraded) by one process at a time, under a file lock beside the database."""
+    """Safe concurrent use of a SQLite tracking database: the schema is created (or upgraded) by one process at
+    a time, under a file lock beside the database, and the WAL journal lets readers and one writer work at once
+    (writes that still meet a locked database are retried by :func:`retry_locked`)."""
     if not uri.startswith("sqlite:///"):
         return
     import mlflow
