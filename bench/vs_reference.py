@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--ref-size", type=int, default=224)
     ap.add_argument("--ref-finetune-epochs", type=int, default=10)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "xfer-vs-reference")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
+    args.reference = str(Path(args.reference).resolve())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "XFER_"))}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
     args.work.mkdir(parents=True, exist_ok=True)
