@@ -106,9 +106,9 @@ def main(cfg: DictConfig) -> None:
         metrics.update(test_images=len(test), model_params=int(predictor.model.count_params()),
                        test_images_per_sec=len(test) / seconds, tta=tta,
                        test_accuracy_without_tta=classification_metrics(y, plain, classes)["accuracy"])
+        compared = [k for k in COMPARED if k != "test_accuracy_without_tta" or tta]
         write_json(REPORT, metrics)
-        write_json(METRICS / "evaluate.json", {k: round(float(metrics[k]), 6) for k in COMPARED
-                                               if k != "test_accuracy_without_tta" or tta})
+        write_json(METRICS / "evaluate.json", {k: round(float(metrics[k]), 6) for k in compared})
         pred = probs.argmax(axis=1)
         with atomic_path(PLOTS / "test_predictions.csv") as tmp:
             pd.DataFrame({"path": test["path"], "actual": test["class"], "predicted": [classes[i] for i in pred],
@@ -124,7 +124,7 @@ def main(cfg: DictConfig) -> None:
             retry_locked(mlflow.log_artifact, str(artifact))
         registered = (register(cfg, run.info.run_id, CLASSES, FINAL_MODEL, pipeline_id()) if cfg.evaluate.register
                       else "not registered")
-    summary = {k: round(float(metrics[k]), 4) for k in COMPARED if k != "test_accuracy_without_tta" or tta}
+    summary = {k: round(float(metrics[k]), 4) for k in compared}
     print(f"evaluate: {json.dumps(summary)}; model {registered}")
 
 

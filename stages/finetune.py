@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 
 from xfer import XferError
 from xfer.config import run_cli
-from xfer.data import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, feature_dir, image_paths, load_features, read_manifest
-from xfer.files import atomic_path, read_json, write_json
+from xfer.data import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, image_paths, load_features, read_manifest
+from xfer.files import atomic_path, write_json
 from xfer.tracking import epoch_logger, retry_locked, stage_run
 
 TRANSPLANT_TOLERANCE = 1e-3
@@ -29,13 +29,10 @@ def assemble(cfg: DictConfig, head, seed: int):
     """Image model: augmentation -> preprocessing -> base (cache weights, inference mode) -> head."""
     import keras
 
-    from xfer.backbones import build_base, set_precision
+    from xfer.backbones import cached_base
     from xfer.models import augmentation
 
-    features = feature_dir(cfg.backbone.name)
-    meta = read_json(features / "meta.json")  # build the base exactly as featurize did
-    set_precision(meta["precision"])
-    base = build_base(cfg.backbone, features / "base.weights.h5", pooling=meta["pooling"])
+    base, _ = cached_base(cfg.backbone)
     base.trainable = False
     size = int(cfg.backbone.image_size)
     inputs = keras.Input((size, size, 3), name="image")

@@ -14,9 +14,9 @@ from omegaconf import DictConfig
 
 from xfer import XferError
 from xfer.config import run_cli
-from xfer.data import feature_dir, image_paths, read_manifest, views_dir
-from xfer.features import BASE_WEIGHTS, featurize_split
-from xfer.files import atomic_dir, read_json, write_json
+from xfer.data import image_paths, read_manifest, views_dir
+from xfer.features import featurize_split
+from xfer.files import atomic_dir, write_json
 from xfer.tracking import retry_locked, stage_run
 
 
@@ -31,18 +31,13 @@ def main(cfg: DictConfig) -> None:
             if k:
                 import mlflow
 
-                from xfer.backbones import build_base, set_precision
+                from xfer.backbones import cached_base
                 from xfer.models import augmentation
                 from xfer.runtime import import_tensorflow, seed_everything
 
                 import_tensorflow()
                 seed_everything(cfg.seed, cfg.runtime.deterministic)
-                features = feature_dir(name)
-                if not (features / "meta.json").is_file():
-                    raise XferError(f"{features}/meta.json not found; run the featurize stage first")
-                fmeta = read_json(features / "meta.json")  # the base exactly as featurize built it
-                set_precision(fmeta["precision"])
-                base = build_base(cfg.backbone, features / BASE_WEIGHTS, pooling=fmeta["pooling"])
+                base, fmeta = cached_base(cfg.backbone)
                 train = read_manifest("train")
                 ips = featurize_split(base, image_paths(train), train["label"].to_numpy(), tmp, "train",
                                       int(cfg.featurize.batch_size), fmeta["dtype"],

@@ -11,6 +11,9 @@ import keras
 from omegaconf import DictConfig
 
 from xfer import XferError
+from xfer.data import feature_dir
+from xfer.features import BASE_WEIGHTS
+from xfer.files import read_json
 
 
 @keras.saving.register_keras_serializable(package="xfer")
@@ -118,6 +121,17 @@ def build_base(bcfg: DictConfig, weights_file: str | Path | None = None, pooling
         raise XferError(f"featurize.pooling: '{pooling}' is not one of null, avg, max")
     outputs = keras.layers.Activation("linear", dtype="float32", name="features")(x)  # float32 out, any policy
     return keras.Model(inputs, outputs, name=f"base_{bcfg.name}")
+
+
+def cached_base(bcfg: DictConfig) -> tuple[keras.Model, dict]:
+    """The base exactly as featurize built it (its saved weights, pooling and precision) and featurize's
+    meta.json, for the stages that run images through it again (views, finetune)."""
+    features = feature_dir(bcfg.name)
+    if not (features / "meta.json").is_file():
+        raise XferError(f"{features}/meta.json not found; run the featurize stage for backbone '{bcfg.name}' first")
+    meta = read_json(features / "meta.json")
+    set_precision(meta["precision"])
+    return build_base(bcfg, features / BASE_WEIGHTS, pooling=meta["pooling"]), meta
 
 
 def backbone_cnn(base: keras.Model) -> keras.Model:

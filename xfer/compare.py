@@ -30,7 +30,7 @@ def _duration(run) -> float:
     return ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000 if run else float("nan")
 
 
-def leaderboard(client, experiment: str, per_backbone: bool = False) -> pd.DataFrame:
+def leaderboard(client, experiment: str) -> pd.DataFrame:
     """Rows of (backbone, metrics, speed, size, time, seed, config) for every finished evaluate run of
     ``experiment``; ``config`` identifies the parameters other than the seed."""
     exp = client.get_experiment_by_name(experiment)
@@ -65,10 +65,7 @@ def leaderboard(client, experiment: str, per_backbone: bool = False) -> pd.DataF
         })
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["config"] = configs
-    frame = frame.sort_values("test_accuracy", ascending=False, kind="stable")
-    if per_backbone:
-        frame = frame.drop_duplicates("backbone", keep="first")
-    return frame.reset_index(drop=True)
+    return frame.sort_values("test_accuracy", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def by_config(frame: pd.DataFrame) -> pd.DataFrame:

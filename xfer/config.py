@@ -154,9 +154,6 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
         return
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
-    from xfer.runtime import quiet_mlflow
-
-    quiet_mlflow()
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         cfg = load_params(argv)

@@ -50,7 +50,6 @@ def import_tensorflow() -> None:
     TF_CPP_MIN_LOG_LEVEL cannot stop it) filtered out of stderr; any other line is passed through."""
     if "tensorflow" in sys.modules:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as capture:

@@ -138,9 +138,10 @@ def experiment_name(cfg: DictConfig) -> str:
     return cfg.mlflow.experiment or cfg.data.name
 
 
-def set_experiment(name: str, artifacts: str | None) -> None:
+def set_experiment(name: str, artifacts: str | None) -> str:
     """Select (creating if needed) the experiment. With our own database, artifacts go to ``artifacts``
-    (<repo root>/mlruns/artifacts), not to a path relative to the (possibly temporary) working directory."""
+    (<repo root>/mlruns/artifacts), not to a path relative to the (possibly temporary) working directory.
+    Returns the experiment id."""
     import mlflow
 
     if artifacts and mlflow.get_experiment_by_name(name) is None:
@@ -148,7 +149,7 @@ def set_experiment(name: str, artifacts: str | None) -> None:
             mlflow.create_experiment(name, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by a parallel run
-    retry_locked(mlflow.set_experiment, name)
+    return retry_locked(mlflow.set_experiment, name).experiment_id
 
 
 def git_commit() -> str:
@@ -197,8 +198,7 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str]) -> Iterator[Any]
     prepare_database(uri)
     mlflow.set_tracking_uri(uri)
     artifacts = (repo_root() / "mlruns" / "artifacts").as_uri() if own_db else None
-    set_experiment(experiment_name(cfg), artifacts)
-    close_abandoned_runs(mlflow.get_experiment_by_name(experiment_name(cfg)).experiment_id)
+    close_abandoned_runs(set_experiment(experiment_name(cfg), artifacts))
     pid = pipeline_id()
     tags = {
         "stage": stage,
