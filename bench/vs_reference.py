@@ -95,19 +95,21 @@ def main() -> None:
     ours, theirs = [], []
     for seed in args.seeds:
         env["XFER_PIPELINE_ID"] = f"bench-seed{seed}"
-        wall = sum(sh([sys.executable, "-m", f"stages.{s}", f"seed={seed}", *args.overrides], proj, env)[1]
-                   for s in STAGES)
+        times = {s: sh([sys.executable, "-m", f"stages.{s}", f"seed={seed}", *args.overrides], proj, env)[1]
+                 for s in STAGES}
+        wall = sum(times.values())
         m = json.loads((proj / "reports/metrics/evaluate.json").read_text())
         ours.append({"seed": seed, "head": m["head_test_accuracy"], "final": m["test_accuracy"], "wall_s": wall})
         print(f"pipeline  seed {seed}: head {m['head_test_accuracy']:.4f}, final {m['test_accuracy']:.4f}, "
-              f"{wall:.0f} s", flush=True)
+              f"{wall:.0f} s (" + ", ".join(f"{s} {t:.0f} s" for s, t in times.items()) + ")", flush=True)
         out, wall = sh([sys.executable, args.reference, str(args.work / "refdata"), str(Path(args.weights).resolve()),
                         "--backbone", args.ref_backbone, "--size", str(args.ref_size),
                         "--finetune-epochs", str(args.ref_finetune_epochs)], args.work, env)
         r = json.loads(out.strip().splitlines()[-1])
         theirs.append({"head": r["fe_test_acc"], "final": r["ft_test_acc"], "wall_s": wall})
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in r.items() if k.endswith("_s") and not k.endswith("img_s"))
         print(f"reference run {len(theirs)}: feature extraction {r['fe_test_acc']:.4f}, fine-tuned "
-              f"{r['ft_test_acc']:.4f}, {wall:.0f} s", flush=True)
+              f"{r['ft_test_acc']:.4f}, {wall:.0f} s ({phases})", flush=True)
 
     def stats(rows, key):
         values = [r[key] for r in rows]

@@ -3,7 +3,9 @@ it with the head at a low learning rate on augmented images.
 
 The model is input -> augmentation -> the backbone's preprocess_input -> the base with the weights used for
 the feature cache (called with training=False, so BatchNorm stays frozen) -> the trained head.
-Before training it checks that the assembled model reproduces the head's validation predictions.
+Before training it checks that the assembled model reproduces the head's validation predictions. Each epoch
+validates through the trainable top only, on the validation images' activations at backbone.unfreeze_from,
+computed once (xfer.boundary; the whole model on images where a residual connection bypasses that layer).
 Outputs models/model.keras (byte-reproducible), reports/metrics/finetune.json, reports/plots/finetune.csv.
 """
 
@@ -66,6 +68,7 @@ def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
+    from xfer.boundary import boundary_validation
     from xfer.images import image_dataset
     from xfer.models import class_weights, compile_model, save_model, training_callbacks
     from xfer.runtime import progress_bar, seed_everything
@@ -94,18 +97,23 @@ def main(cfg: DictConfig) -> None:
                 compile_model(model, f, n_classes, steps_per_epoch=-(-len(train) // bs))  # after `trainable`
                 ds_train = image_dataset(image_paths(train), train["label"].to_numpy(), size, bs, shuffle_seed=seed)
                 ds_val = image_dataset(image_paths(val), val["label"].to_numpy(), size, bs)
+                # validation through the trainable top only, on activations computed once below the boundary
+                at_boundary = boundary_validation(base, head, cfg.backbone.unfreeze_from, ds_val, bs,
+                                                  lambda m: compile_model(m, f, n_classes, steps_per_epoch=1))
                 best = Path(tmp) / "best.weights.h5"
                 callbacks = training_callbacks(best, f, [keras.callbacks.CSVLogger(str(curves)), epoch_logger(),
                                                          progress_bar("finetune")])
-                history = model.fit(ds_train, validation_data=ds_val, epochs=int(f.epochs), callbacks=callbacks,
+                history = model.fit(ds_train, validation_data=None if at_boundary else ds_val, epochs=int(f.epochs),
+                                    callbacks=[at_boundary, *callbacks] if at_boundary else callbacks,  # it first
                                     shuffle=False, verbose=0,  # ds_train reshuffles itself
                                     class_weight=class_weights(train["label"], f.class_weight, n_classes))
                 if best.exists():  # the best epoch, whether or not early stopping fired
                     model.load_weights(str(best))
-                val_loss, val_acc = model.evaluate(ds_val, verbose=0)
-                metrics.update({"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_acc), 6)})
+                val = at_boundary.evaluate() if at_boundary else model.evaluate(ds_val, verbose=0, return_dict=True)
+                metrics.update({f"val_{k.removeprefix('val_')}": round(float(v), 6) for k, v in val.items()})
                 details.update({"epochs": len(history.history["loss"]), "trainable_layers": trainable,
-                                "trainable_weights": len(model.trainable_weights)})
+                                "trainable_weights": len(model.trainable_weights),
+                                "validation_at_boundary": int(at_boundary is not None)})
             else:
                 curves.write_text("epoch,loss,accuracy,val_loss,val_accuracy\n")
                 compile_model(model, f, n_classes, steps_per_epoch=1)  # exported only, never trained

@@ -202,3 +202,24 @@ def test_transplant_check_catches_wrong_preprocessing(tiny_run):
     cfg = load_params([*TINY, "backbone.module=resnet_v2"])  # tf-style scaling instead of VGG's caffe style
     with pytest.raises(XferError, match="disagrees with the head"):
         main(cfg)
+
+
+@pytest.mark.parametrize("name", ["val_loss", "val_accuracy"])
+def test_validation_at_the_boundary_equals_the_whole_model_on_images(tiny_run, name):
+    import keras
+    import mlflow
+
+    from xfer.data import image_paths, read_manifest
+    from xfer.images import image_dataset
+
+    root, cfg = tiny_run
+    model = keras.saving.load_model(str(root / "models/model.keras"))
+    val = read_manifest("val")
+    ds = image_dataset(image_paths(val), val["label"].to_numpy(), int(cfg.backbone.image_size), 8)
+    whole = model.evaluate(ds, verbose=0, return_dict=True)
+    logged = read_json(root / "reports/metrics/finetune.json")
+    assert logged[name] == pytest.approx(whole[name.removeprefix("val_")], abs=1e-4)
+    run = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(
+        read_json(root / "reports/runs/finetune.json")["run_id"])
+    assert run.data.metrics["validation_at_boundary"] == 1  # the top-only path was the one measured
+    assert name in pd.read_csv(root / "reports/plots/finetune.csv").columns  # callbacks after it saw it
