@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from determinism import cpu  # noqa: E402
 
 PROJECT = ["dvc.yaml", "params.yaml", "pyproject.toml", "conf", "stages", "xfer", "weights"]
-STAGES = ["featurize", "views", "train_head", "finetune", "evaluate"]
+STAGES = ["featurize", "views", "trunk", "train_head", "finetune", "evaluate"]
 
 
 def sh(cmd: list[str], cwd: Path, env: dict) -> tuple[str, float]:

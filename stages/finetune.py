@@ -68,8 +68,7 @@ def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
-    from xfer.boundary import boundary_validation
-    from xfer.images import image_dataset
+    from xfer.boundary import fit_plan
     from xfer.models import class_weights, compile_model, save_model, training_callbacks
     from xfer.runtime import progress_bar, seed_everything
 
@@ -92,28 +91,25 @@ def main(cfg: DictConfig) -> None:
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "finetune.csv") as curves:
             if f.enabled:
                 trainable = unfreeze_top(base, cfg.backbone.unfreeze_from)
-                size, bs = int(cfg.backbone.image_size), int(f.batch_size)
-                train, val = read_manifest("train"), read_manifest("val")
-                compile_model(model, f, n_classes, steps_per_epoch=-(-len(train) // bs))  # after `trainable`
-                ds_train = image_dataset(image_paths(train), train["label"].to_numpy(), size, bs, shuffle_seed=seed)
-                ds_val = image_dataset(image_paths(val), val["label"].to_numpy(), size, bs)
-                # validation through the trainable top only, on activations computed once below the boundary
-                at_boundary = boundary_validation(base, head, cfg.backbone.unfreeze_from, ds_val, bs,
-                                                  lambda m: compile_model(m, f, n_classes, steps_per_epoch=1))
+                plan = fit_plan(cfg, model, base, head,  # compiles after `trainable`
+                                lambda m, steps: compile_model(m, f, n_classes, steps_per_epoch=steps))
                 best = Path(tmp) / "best.weights.h5"
                 callbacks = training_callbacks(best, f, [keras.callbacks.CSVLogger(str(curves)), epoch_logger(),
                                                          progress_bar("finetune")])
-                history = model.fit(ds_train, validation_data=None if at_boundary else ds_val, epochs=int(f.epochs),
-                                    callbacks=[at_boundary, *callbacks] if at_boundary else callbacks,  # it first
-                                    shuffle=False, verbose=0,  # ds_train reshuffles itself
-                                    class_weight=class_weights(train["label"], f.class_weight, n_classes))
+                history = plan.model.fit(plan.train, validation_data=plan.val, epochs=int(f.epochs),
+                                         callbacks=[*plan.first_callbacks, *callbacks], shuffle=False, verbose=0,
+                                         class_weight=class_weights(read_manifest("train")["label"], f.class_weight,
+                                                                    n_classes))  # the data shuffle themselves
                 if best.exists():  # the best epoch, whether or not early stopping fired
-                    model.load_weights(str(best))
-                val = at_boundary.evaluate() if at_boundary else model.evaluate(ds_val, verbose=0, return_dict=True)
+                    plan.model.load_weights(str(best))  # shares its layers with `model`
+                if plan.model is not model:  # trained on trunk views: the image model is exported compiled
+                    compile_model(model, f, n_classes, steps_per_epoch=1)
+                val = plan.evaluate()
                 metrics.update({f"val_{k.removeprefix('val_')}": round(float(v), 6) for k, v in val.items()})
                 details.update({"epochs": len(history.history["loss"]), "trainable_layers": trainable,
-                                "trainable_weights": len(model.trainable_weights),
-                                "validation_at_boundary": int(at_boundary is not None)})
+                                "trainable_weights": len(plan.model.trainable_weights),
+                                "validation_at_boundary": int(plan.at_boundary),
+                                "trained_on_trunk_views": int(plan.source == "trunk views")})
             else:
                 curves.write_text("epoch,loss,accuracy,val_loss,val_accuracy\n")
                 compile_model(model, f, n_classes, steps_per_epoch=1)  # exported only, never trained

@@ -3,47 +3,36 @@ so that the head learns from augmented data at feature-extraction cost (the book
 augmentation" without running the backbone every epoch). K = featurize.train_views; with 0 (the default) the
 stage writes an empty cache at once, without loading TensorFlow.
 
-The augmentation is fine-tuning's (finetune.augment layers, seeded). Outputs data/views/<backbone>/:
-train_features.npy (K x n rows: view v of image i at row v * n + i), train_labels.npy, train_paths.txt, meta.json.
-Validation and test features stay un-augmented (featurize).
+The augmentation is fine-tuning's (finetune.augment layers, seeded); the mechanism is xfer.views, shared with the
+trunk stage. Outputs data/views/<backbone>/: train_features.npy (K x n rows: view v of image i at row v * n + i),
+train_labels.npy, train_paths.txt, meta.json. Validation and test features stay un-augmented (featurize).
 """
 
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from xfer import XferError
 from xfer.config import run_cli
-from xfer.data import image_paths, read_manifest, views_dir
-from xfer.features import featurize_split
+from xfer.data import views_dir
 from xfer.files import atomic_dir, write_json
-from xfer.tracking import retry_locked, stage_run
+from xfer.tracking import stage_run
+from xfer.views import cache_training_views, check_views
 
 
 def main(cfg: DictConfig) -> None:
-    k = cfg.featurize.train_views
-    if not isinstance(k, int) or k < 0:
-        raise XferError(f"featurize.train_views: {k!r} is not a whole number >= 0 (augmented views per image)")
+    k = check_views("featurize.train_views", cfg.featurize.train_views)
     name = cfg.backbone.name
     with stage_run("views", cfg, ["featurize.train_views", "finetune.augment", "seed"]):
         meta = {"backbone": name, "views": k, "images": 0}
         with atomic_dir(views_dir(name)) as tmp:
             if k:
-                import mlflow
-
                 from xfer.backbones import cached_base
-                from xfer.models import augmentation
                 from xfer.runtime import import_tensorflow, seed_everything
 
                 import_tensorflow()
                 seed_everything(cfg.seed, cfg.runtime.deterministic)
                 base, fmeta = cached_base(cfg.backbone)
-                train = read_manifest("train")
-                ips = featurize_split(base, image_paths(train), train["label"].to_numpy(), tmp, "train",
-                                      int(cfg.featurize.batch_size), fmeta["dtype"],
-                                      augment=augmentation(cfg.finetune.augment, int(cfg.seed)), views=k)
-                meta["images"] = len(train)
-                retry_locked(mlflow.log_metric, "images_per_sec", ips)
+                meta.update(cache_training_views(base, cfg, tmp, k, fmeta["dtype"]))
             write_json(tmp / "meta.json", meta)
     print(f"views: {k} augmented view(s) of {meta['images']} training images" if k else
           "views: featurize.train_views is 0, no augmented views")

@@ -144,7 +144,8 @@ def test_repo_root_escapes_dvc_temp_experiments(tmp_path, monkeypatch):
 def test_dvc_yaml_declares_only_keys_that_exist_and_each_stage_script():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert list(dvc["stages"]) == ["download", "split", "featurize", "views", "train_head", "finetune", "evaluate"]
+    assert list(dvc["stages"]) == ["download", "split", "featurize", "views", "trunk", "train_head", "finetune",
+                                   "evaluate"]
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"python -m stages.{name}"
         assert f"stages/{name}.py" in stage["deps"]

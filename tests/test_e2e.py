@@ -87,8 +87,8 @@ def test_one_mlflow_run_per_stage_sharing_the_pipeline_tag(demo_repo):
     root, *_ = demo_repo
     client, exp, runs = mlflow_runs(root)
     names = [r.info.run_name for r in runs]
-    assert names == [f"{s}-vgg16" for s in ("download", "split", "featurize", "views", "train_head", "finetune",
-                                            "evaluate")]
+    assert names == [f"{s}-vgg16" for s in ("download", "split", "featurize", "views", "trunk", "train_head",
+                                            "finetune", "evaluate")]
     pipeline = {r.data.tags["pipeline_id"] for r in runs}
     assert len(pipeline) == 1 and not pipeline.pop().startswith("manual-")  # derived from the dvc process
     assert all(r.data.tags["dvc_exp_name"] for r in runs)
@@ -169,10 +169,10 @@ def test_parallel_queued_experiments_lose_nothing(queue_repo):
     names = run([*dvc, "exp", "list", "--name-only"], root, env).split()
     assert {"demo-a", "demo-b"} <= set(names)
     _, _, runs = mlflow_runs(root)
-    assert len(runs) == 14 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 16 and all(r.info.status == "FINISHED" for r in runs)
     by_exp = {name: sorted(r.info.run_name for r in runs if r.data.tags["dvc_exp_name"] == name)
               for name in ("demo-a", "demo-b")}
-    stages = sorted(f"{s}-vgg16" for s in ("download", "split", "featurize", "views", "train_head", "finetune",
+    stages = sorted(f"{s}-vgg16" for s in ("download", "split", "featurize", "views", "trunk", "train_head", "finetune",
                                            "evaluate"))
     assert by_exp == {"demo-a": stages, "demo-b": stages}
 

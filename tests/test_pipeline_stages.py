@@ -11,7 +11,7 @@ from xfer import XferError
 from xfer.config import load_params
 from xfer.files import read_json
 
-STAGES = ["download", "split", "featurize", "views", "train_head", "finetune", "evaluate"]
+STAGES = ["download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate"]
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,8 @@ def test_train_views_multiply_the_rows_and_keep_labels_aligned(views_run):
     paths = (root / "data/views/vgg16/train_paths.txt").read_text().splitlines()
     assert paths == (root / "data/features/vgg16/train_paths.txt").read_text().splitlines() * 2
     assert not np.allclose(v[:n], clean) and not np.allclose(v[:n], v[n:])  # augmented, and two distinct views
-    assert read_json(root / "data/views/vgg16/meta.json") == {"backbone": "vgg16", "views": 2, "images": n}
+    assert read_json(root / "data/views/vgg16/meta.json") == {"backbone": "vgg16", "views": 2, "images": n,
+                                                              "shape": list(clean.shape[1:]), "dtype": "float32"}
     import mlflow
 
     run = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(

@@ -101,7 +101,7 @@ def test_three_classes_end_to_end(project, tmp_path, monkeypatch):
                        "split.test=3", "backbone.weights=null", "backbone.image_size=32", "head.epochs=2",
                        "head.batch_size=8", "finetune.epochs=1", "finetune.batch_size=8", "head.class_weight=balanced",
                        "head.label_smoothing=0.1"])  # the smoothed sparse loss must survive head.keras
-    for stage in ("download", "split", "featurize", "views", "train_head", "finetune", "evaluate"):
+    for stage in ("download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate"):
         importlib.import_module(f"stages.{stage}").main(cfg)
     assert read_json("data/raw/classes.json") == ["blobs", "noise", "stripes"]
     import keras

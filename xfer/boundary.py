@@ -3,10 +3,16 @@ trainable top every epoch. Fine-tuning validates through the top only, on activa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import keras
 import numpy as np
+from omegaconf import DictConfig
 
+from xfer import XferError
 from xfer.backbones import backbone_cnn
+from xfer.views import view_batches
 
 
 def split_base(base: keras.Model, boundary: str) -> tuple[keras.Model, keras.Model] | None:
@@ -63,16 +69,65 @@ class BoundaryValidation(keras.callbacks.Callback):
             logs.update(self.evaluate())
 
 
-def boundary_validation(base: keras.Model, head: keras.Model, boundary: str, dataset, batch_size: int,
-                        compile_like) -> BoundaryValidation | None:
-    """A :class:`BoundaryValidation` for the model ``base`` -> ``head`` (None where the boundary cannot be cut);
-    ``compile_like(model)`` compiles the validation model with the training model's loss and metrics."""
+class Plan(NamedTuple):
+    """What fine-tuning's ``fit`` runs: the model it trains, its training and validation data, the callbacks that
+    must run before the others, the final validation metrics, and how the training rows were made."""
+
+    model: keras.Model
+    train: Any
+    val: Any
+    first_callbacks: list
+    evaluate: Callable[[], dict]
+    source: str  # images | trunk views
+    at_boundary: bool  # validation through the top only
+
+
+def fit_plan(cfg: DictConfig, model: keras.Model, base: keras.Model, head: keras.Model,
+             compile_like: Callable[[keras.Model, int], None]) -> Plan:
+    """Train ``model`` (augmentation -> base -> head) on images, or with ``finetune.trunk_views`` the top and
+    head on the trunk stage's cached boundary views; validate through the top on activations computed once
+    (on images where the boundary cannot be cut). ``compile_like(m, steps_per_epoch)`` compiles with the
+    fine-tuning loss, metrics and optimizer; call after setting ``trainable``."""
+    from xfer.data import image_paths, read_manifest
+    from xfer.images import image_dataset
+
+    f, boundary = cfg.finetune, cfg.backbone.unfreeze_from
+    size, bs, seed = int(cfg.backbone.image_size), int(f.batch_size), int(cfg.seed)
+    val = read_manifest("val")
+    ds_val = image_dataset(image_paths(val), val["label"].to_numpy(), size, bs)
     parts = split_base(base, boundary)
+    if f.get("trunk_views"):
+        x, y = load_trunk_views(cfg)
+        trunk, top = parts  # the trunk stage refused a boundary it cannot cut
+        acts = keras.Input(top.input_shape[1:], name="activations")
+        top_model = keras.Model(acts, head(top(acts, training=False)), name="top_and_head")
+        compile_like(top_model, -(-len(y) // int(f.trunk_views) // bs))
+        val_data = activations(trunk, ds_val)
+        return Plan(top_model, view_batches(x, y, int(f.trunk_views), bs, seed), val_data, [],
+                    lambda: {f"val_{k}": v for k, v in top_model.evaluate(*val_data, batch_size=bs, verbose=0,
+                                                                          return_dict=True).items()},
+                    "trunk views", True)
+    train = read_manifest("train")
+    compile_like(model, -(-len(train) // bs))
+    ds_train = image_dataset(image_paths(train), train["label"].to_numpy(), size, bs, shuffle_seed=seed)
     if parts is None:
-        return None
-    trunk, top = parts
-    x, y = activations(trunk, dataset)
-    acts = keras.Input(x.shape[1:], name="activations")
-    val_model = keras.Model(acts, head(top(acts, training=False), training=False), name="validation")
-    compile_like(val_model)
-    return BoundaryValidation(val_model, x, y, batch_size)
+        return Plan(model, ds_train, ds_val, [], lambda: model.evaluate(ds_val, verbose=0, return_dict=True),
+                    "images", False)
+    acts = keras.Input(parts[1].input_shape[1:], name="activations")
+    val_model = keras.Model(acts, head(parts[1](acts, training=False)), name="validation")
+    compile_like(val_model, 1)
+    check = BoundaryValidation(val_model, *activations(parts[0], ds_val), bs)
+    return Plan(model, ds_train, None, [check], check.evaluate, "images", True)
+
+
+def load_trunk_views(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The trunk stage's cached views (memory-mapped) and labels, checked against the params."""
+    from xfer.data import trunk_dir
+    from xfer.files import read_json
+
+    d = trunk_dir(cfg.backbone.name)
+    meta = read_json(d / "meta.json") if (d / "meta.json").is_file() else {}
+    want = {"boundary": cfg.backbone.unfreeze_from, "views": int(cfg.finetune.trunk_views)}
+    if {k: meta.get(k) for k in want} != want:
+        raise XferError(f"{d}: no cached trunk views for {want}; run the trunk stage (dvc repro trunk)")
+    return np.load(d / "train_features.npy", mmap_mode="r"), np.load(d / "train_labels.npy")

@@ -48,7 +48,7 @@ def leaderboard(client, experiment: str) -> pd.DataFrame:
         finetune, head = linked(ev, "finetune"), linked(ev, "train_head")
         featurize = linked(finetune, "featurize") or linked(head, "featurize")
         params = {}
-        for r in (featurize, linked(head, "views"), head, finetune, ev):
+        for r in (featurize, linked(head, "views"), linked(finetune, "trunk"), head, finetune, ev):
             params.update(r.data.params if r else {})
         seed = params.pop("seed", None)
         configs.append(repr(sorted(params.items())))

@@ -15,6 +15,7 @@ CLASSES = RAW / "classes.json"
 SPLITS = Path("data/splits")
 FEATURES = Path("data/features")
 VIEWS = Path("data/views")
+TRUNK = Path("data/trunk")
 MODELS = Path("models")
 HEAD_MODEL = MODELS / "head.keras"
 FINAL_MODEL = MODELS / "model.keras"
@@ -53,6 +54,10 @@ def load_features(backbone: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def views_dir(backbone: str) -> Path:
     return VIEWS / backbone
+
+
+def trunk_dir(backbone: str) -> Path:
+    return TRUNK / backbone
 
 
 def load_training_features(backbone: str) -> tuple[np.ndarray, np.ndarray, int]:

@@ -13,6 +13,8 @@ from xfer.files import atomic_path, make_keras_file_deterministic
 
 def save_model(model: keras.Model, target: str | Path) -> None:
     """Save a ``.keras`` file atomically and byte-reproducibly (same weights -> same bytes)."""
+    if getattr(model, "optimizer", None) is not None and not model.optimizer.built:  # compiled, never trained:
+        model.optimizer.build(model.trainable_variables)  # else loading warns of mismatched optimizer variables
     with atomic_path(target) as tmp:
         model.save(str(tmp))
         make_keras_file_deterministic(tmp)

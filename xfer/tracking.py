@@ -26,8 +26,9 @@ UPSTREAM = {
     "split": ["download"],
     "featurize": ["split"],
     "views": ["featurize"],
+    "trunk": ["featurize"],
     "train_head": ["featurize", "views"],
-    "finetune": ["train_head", "featurize"],
+    "finetune": ["train_head", "featurize", "trunk"],
     "evaluate": ["finetune", "train_head"],
 }
 

@@ -1,0 +1,50 @@
+"""Trunk stage: K augmented views of every training image at the fine-tuning boundary (the activations that
+enter backbone.unfreeze_from), cached, so that fine-tuning trains the top of the backbone and the head on them
+(one view per image per epoch) instead of running the frozen trunk on every image every epoch.
+K = finetune.trunk_views; with 0 (the default) fine-tuning trains on images and the stage writes an empty cache
+at once, without loading TensorFlow.
+
+Same mechanism as the views stage (xfer.views: finetune.augment layers, seeded), stored as float16.
+Outputs data/trunk/<backbone>/: train_features.npy (K x n rows), train_labels.npy, train_paths.txt, meta.json.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from xfer import XferError
+from xfer.config import run_cli
+from xfer.data import trunk_dir
+from xfer.files import atomic_dir, write_json
+from xfer.tracking import stage_run
+from xfer.views import cache_training_views, check_views
+
+
+def main(cfg: DictConfig) -> None:
+    k = check_views("finetune.trunk_views", cfg.finetune.trunk_views)
+    name, boundary = cfg.backbone.name, cfg.backbone.unfreeze_from
+    with stage_run("trunk", cfg, ["finetune.trunk_views", "finetune.augment", "backbone.unfreeze_from", "seed"]):
+        meta = {"backbone": name, "boundary": boundary, "views": k, "images": 0}
+        with atomic_dir(trunk_dir(name)) as tmp:
+            if k:
+                from xfer.backbones import backbone_cnn, cached_base, unfreeze_from
+                from xfer.boundary import split_base
+                from xfer.runtime import import_tensorflow, seed_everything
+
+                import_tensorflow()
+                seed_everything(cfg.seed, cfg.runtime.deterministic)
+                base, _ = cached_base(cfg.backbone)
+                unfreeze_from(backbone_cnn(base), boundary)  # checks the layer name
+                parts = split_base(base, boundary)
+                if parts is None:
+                    raise XferError(f"finetune.trunk_views: backbone.unfreeze_from={boundary} cannot be cached, a "
+                                    "residual connection bypasses it; pick the first layer of a block or set "
+                                    "finetune.trunk_views=0")
+                meta.update(cache_training_views(parts[0], cfg, tmp, k, "float16"))
+            write_json(tmp / "meta.json", meta)
+    print(f"trunk: {k} augmented view(s) of {meta['images']} training images at {boundary}" if k else
+          "trunk: finetune.trunk_views is 0, fine-tuning trains on images")
+
+
+if __name__ == "__main__":
+    run_cli(main)
