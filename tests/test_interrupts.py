@@ -31,8 +31,11 @@ def ready(tmp_path_factory):
 def start(root: Path, stage: str, overrides: list[str]) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "XFER_PIPELINE_ID": "interrupts"}
     env.pop("DVC_ROOT", None)
+    # A shell's background job (`cmd &`, nohup) starts with SIGINT ignored, which Python then respects: give the
+    # stage the default disposition a terminal user has, so Ctrl-C is what the test sends.
     return subprocess.Popen([sys.executable, "-m", f"stages.{stage}", *overrides], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(proc: subprocess.Popen, found, what: str, timeout: float = 180) -> None:
