@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO
-from xfer import XferError
+from xfer import XferError, config
 from xfer.config import choices, compose_conf, load_params, repo_root, run_cli
 from xfer.params import composed_yaml
 
@@ -110,6 +113,31 @@ def test_key_missing_from_params_yaml_is_one_line(project, capsys):
     err = capsys.readouterr().err
     assert err == "error: params.yaml: key 'head.units' is missing; restore it from conf/ (python -m xfer.params) " \
                   "or add it\n"
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_that_a_library_turned_into_its_own_error_still_ends_as_interrupted(project, capsys, monkeypatch,
+                                                                                       sig, code, word):
+    """TensorFlow re-raises an exception thrown while it traces a function as its own ValueError (seen in CI):
+    the stage still exits with the signal's code and one line, not a traceback and exit 1."""
+    def stage(cfg):
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ValueError("Could not pack sequence") from None
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under a background CI job
+    monkeypatch.setattr(config, "_received", [])
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run_cli(stage, [])
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert exc.value.code == code
+    assert capsys.readouterr().err == f"{word}; partial outputs were discarded\n"
 
 
 def test_compose_rejects_unknown_group_choice():

@@ -137,8 +137,18 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, ``dvc queue kill``, a CI timeout), handled exactly like Ctrl-C."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+_received: list[int] = []  # signals seen by this process
+
+
+def _on_signal(signum, frame) -> None:
+    _received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def interrupted(exc: BaseException) -> bool:
+    """True if ``exc`` is, or stems from, Ctrl-C or SIGTERM: TensorFlow turns an exception raised while it traces
+    a function into its own error (e.g. ValueError), so the signal is remembered, not only raised."""
+    return isinstance(exc, KeyboardInterrupt) or bool(_received)
 
 
 def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None,
@@ -154,7 +164,9 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
         return
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if started with SIGINT ignored
+        signal.signal(signal.SIGINT, _on_signal)
     try:
         cfg = load_params(argv)
         if tensorflow:
@@ -173,7 +185,9 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
         print(f"error: params.yaml: key '{exc.full_key}' is missing; restore it from conf/ "
               "(python -m xfer.params) or add it", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt as exc:
-        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"{what}; partial outputs were discarded", file=sys.stderr)
-        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) or not interrupted(exc):
+            raise
+        term = isinstance(exc, Terminated) or signal.SIGTERM in _received
+        print(f"{'terminated' if term else 'interrupted'}; partial outputs were discarded", file=sys.stderr)
+        raise SystemExit(143 if term else 130) from None

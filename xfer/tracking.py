@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from xfer.config import project_root, repo_root
+from xfer.config import interrupted, project_root, repo_root
 from xfer.data import RUNS
 from xfer.files import read_json, write_json
 
@@ -220,8 +220,9 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str]) -> Iterator[Any]
         retry_locked(mlflow.log_params, {k: ("null" if v is None else v) for k, v in params.items()})
         try:
             yield run
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see config.run_cli): KILLED, not FAILED
-            retry_locked(mlflow.end_run, "KILLED")
+        except BaseException as exc:  # Ctrl-C or SIGTERM (see config.run_cli): KILLED, not FAILED
+            if interrupted(exc):
+                retry_locked(mlflow.end_run, "KILLED")
             raise
         write_json(RUNS / f"{stage}.json", {
             "stage": stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
