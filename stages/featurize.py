@@ -38,12 +38,13 @@ def main(cfg: DictConfig) -> None:
     b, f = cfg.backbone, cfg.featurize
     if f.dtype not in DTYPES:
         raise XferError(f"featurize.dtype: '{f.dtype}' is not one of {', '.join(DTYPES)}")
-    set_precision(cfg.runtime.precision)
+    precision = set_precision(cfg.runtime.precision)
     with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]):
+        retry_locked(mlflow.log_param, "precision_used", precision)  # what runtime.precision=auto chose
         base = build_base(b, pooling=f.pooling)
         sha = weights_sha256(b.weights)
         meta = {"backbone": b.name, "image_size": int(b.image_size), "feature_shape": list(base.output_shape[1:]),
-                "pooling": f.pooling, "dtype": f.dtype, "precision": cfg.runtime.precision,
+                "pooling": f.pooling, "dtype": f.dtype, "precision": precision,
                 "weights": str(b.weights), "weights_sha256": sha, "splits": {}}
         if sha:
             retry_locked(mlflow.set_tag, "weights_sha256", sha)

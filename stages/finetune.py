@@ -52,13 +52,15 @@ def unfreeze_top(base, boundary: str) -> int:
     return unfreeze_from(backbone_cnn(base), boundary)
 
 
-def transplant_check(model, head, cfg: DictConfig, n: int = 64) -> float:
-    """Max |p_model(images) - p_head(cached features)| on the first ``n`` validation images."""
+def transplant_check(model, head, cfg: DictConfig) -> float:
+    """Max |p_model(images) - p_head(cached features)| on featurize's first batch of validation images (the same
+    batch shape, so the same kernels: exact in any precision)."""
     from xfer.images import image_dataset
 
     x_val, y_val = load_features(cfg.backbone.name, "val")
+    n = bs = int(cfg.featurize.batch_size)
     manifest = read_manifest("val").iloc[:n]
-    ds = image_dataset(image_paths(manifest), manifest["label"].to_numpy(), int(cfg.backbone.image_size), 32)
+    ds = image_dataset(image_paths(manifest), manifest["label"].to_numpy(), int(cfg.backbone.image_size), bs)
     p_model = np.concatenate([model.predict_on_batch(x) for x, _ in ds])
     p_head = head.predict(np.asarray(x_val[:n]), verbose=0)
     return float(np.max(np.abs(p_model - p_head)))
@@ -82,6 +84,7 @@ def main(cfg: DictConfig) -> None:
     n_classes = 2 if outputs == 1 else outputs
     with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed"]):
         model, base = assemble(cfg, head, seed)
+        retry_locked(mlflow.log_param, "precision_used", keras.mixed_precision.global_policy().compute_dtype)
         diff = transplant_check(model, head, cfg)
         retry_locked(mlflow.log_metric, "transplant_max_abs_diff", diff)
         if diff > TRANSPLANT_TOLERANCE:
@@ -94,7 +97,8 @@ def main(cfg: DictConfig) -> None:
                 plan = fit_plan(cfg, model, base, head,  # compiles after `trainable`
                                 lambda m, steps: compile_model(m, f, n_classes, steps_per_epoch=steps))
                 best = Path(tmp) / "best.weights.h5"
-                callbacks = training_callbacks(best, f, [keras.callbacks.CSVLogger(str(curves)), epoch_logger(),
+                timer = epoch_logger()
+                callbacks = training_callbacks(best, f, [keras.callbacks.CSVLogger(str(curves)), timer,
                                                          progress_bar("finetune")])
                 history = plan.model.fit(plan.train, validation_data=plan.val, epochs=int(f.epochs),
                                          callbacks=[*plan.first_callbacks, *callbacks], shuffle=False, verbose=0,
@@ -107,6 +111,7 @@ def main(cfg: DictConfig) -> None:
                 val = plan.evaluate()
                 metrics.update({f"val_{k.removeprefix('val_')}": round(float(v), 6) for k, v in val.items()})
                 details.update({"epochs": len(history.history["loss"]), "trainable_layers": trainable,
+                                "mean_epoch_seconds": round(float(np.mean(timer.seconds)), 2),
                                 "trainable_weights": len(plan.model.trainable_weights),
                                 "validation_at_boundary": int(plan.at_boundary),
                                 "trained_on_trunk_views": int(plan.source == "trunk views")})

@@ -70,6 +70,7 @@ TINY = [
     "head.epochs=3", "head.batch_size=8",
     "finetune.epochs=1", "finetune.batch_size=8",
     "featurize.batch_size=8", "evaluate.batch_size=8",
+    "runtime.precision=float32",  # not auto: the same float checks on every CPU (tests of auto fake the flags)
 ]
 
 

@@ -193,6 +193,9 @@ def test_one_mlflow_run_per_stage_linked_and_tagged(tiny_run):
     assert "test_accuracy" in runs["evaluate-vgg16"].data.metrics
     history = client.get_metric_history(links["train_head"], "val_loss")
     assert [m.step for m in history] == list(range(3))  # once per epoch, no double logging
+    timed = client.get_metric_history(links["finetune"], "epoch_seconds")  # train + validation, per epoch
+    assert [m.step for m in timed] == [0] and timed[0].value > 0
+    assert runs["finetune-vgg16"].data.metrics["mean_epoch_seconds"] > 0
 
 
 def test_transplant_check_catches_wrong_preprocessing(tiny_run):

@@ -35,11 +35,17 @@ class Preprocess(keras.layers.Layer):
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
-def set_precision(precision: str) -> None:
-    """Keras mixed precision: ``float32`` (default) | ``bfloat16`` | ``float16`` compute."""
+def set_precision(precision: str) -> str:
+    """Keras mixed precision: ``auto`` (see :func:`xfer.runtime.auto_precision`) | ``float32`` | ``bfloat16`` |
+    ``float16`` compute; returns the precision set."""
+    from xfer.runtime import auto_precision
+
+    if precision == "auto":
+        precision = auto_precision()
     if precision not in PRECISIONS:
-        raise XferError(f"runtime.precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
+        raise XferError(f"runtime.precision: '{precision}' is not one of auto, {', '.join(PRECISIONS)}")
     keras.mixed_precision.set_global_policy(PRECISIONS[precision])
+    return precision
 
 
 # Constructor options that build_base sets itself (the top is never included).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from xfer import XferError
+from xfer import XferError, signals
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
@@ -133,24 +132,6 @@ def require(cfg: DictConfig, *keys: str) -> None:
             raise XferError(f"params.yaml: key '{key}' is missing or empty; set it in params.yaml or conf/")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``dvc queue kill``, a CI timeout), handled exactly like Ctrl-C."""
-
-
-_received: list[int] = []  # signals seen by this process
-
-
-def _on_signal(signum, frame) -> None:
-    _received.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-
-def interrupted(exc: BaseException) -> bool:
-    """True if ``exc`` is, or stems from, Ctrl-C or SIGTERM: TensorFlow turns an exception raised while it traces
-    a function into its own error (e.g. ValueError), so the signal is remembered, not only raised."""
-    return isinstance(exc, KeyboardInterrupt) or bool(_received)
-
-
 def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None,
             tensorflow: bool = False) -> None:
     """Entry point shared by the stages: load params with overrides, run, turn expected errors into one line.
@@ -164,9 +145,7 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
         return
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if started with SIGINT ignored
-        signal.signal(signal.SIGINT, _on_signal)
+    signals.install()
     try:
         cfg = load_params(argv)
         if tensorflow:
@@ -174,6 +153,7 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
 
             import_tensorflow()
         main(cfg)
+        signals.raise_if_interrupted()  # a signal some library swallowed still ends the stage as interrupted
     except XferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -186,8 +166,8 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
               "(python -m xfer.params) or add it", file=sys.stderr)
         raise SystemExit(2) from None
     except BaseException as exc:
-        if isinstance(exc, SystemExit) or not interrupted(exc):
+        if isinstance(exc, SystemExit) or not signals.interrupted(exc):
             raise
-        term = isinstance(exc, Terminated) or signal.SIGTERM in _received
+        term = isinstance(exc, signals.Terminated) or signals.terminated()
         print(f"{'terminated' if term else 'interrupted'}; partial outputs were discarded", file=sys.stderr)
         raise SystemExit(143 if term else 130) from None

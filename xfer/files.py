@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from xfer.signals import raise_if_interrupted
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -48,6 +50,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}{''.join(target.suffixes)}")
     try:
         yield tmp
+        raise_if_interrupted()
         os.replace(tmp, target)
     finally:
         if tmp.exists():
@@ -63,6 +66,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
+        raise_if_interrupted()
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

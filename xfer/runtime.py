@@ -8,6 +8,7 @@ import re
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 # TensorFlow/absl/CUDA start-up lines that say nothing to a CPU user; everything else on stderr still shows.
 STARTUP_NOISE = re.compile(
@@ -65,6 +66,45 @@ def import_tensorflow() -> None:
     kept = [line for line in lines if line.strip() and not STARTUP_NOISE.search(line)]
     if kept:
         print("\n".join(kept), file=sys.stderr)
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPUs that run bfloat16 natively (AVX512-BF16, AMX)
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux ``/proc/cpuinfo``; empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """Compute capability of each visible GPU (TensorFlow's device details)."""
+    import tensorflow as tf
+
+    caps = (tf.config.experimental.get_device_details(d).get("compute_capability")
+            for d in tf.config.list_physical_devices("GPU"))
+    return [tuple(cc) if cc else (0, 0) for cc in caps]
+
+
+def auto_precision(flags: set[str] | None = None, gpus: list[tuple[int, int]] | None = None) -> str:
+    """``bfloat16`` where the hardware runs it natively (every visible GPU of compute capability >= 8.0; with
+    no GPU, a CPU with AVX512-BF16 or AMX-BF16), ``float32`` elsewhere (emulated bfloat16 is slower)."""
+    gpus = gpu_capabilities() if gpus is None else gpus
+    if gpus:
+        return "bfloat16" if all(cc >= (8, 0) for cc in gpus) else "float32"
+    flags = cpu_flags() if flags is None else flags
+    return "bfloat16" if any(f in flags for f in BF16_CPU_FLAGS) else "float32"
+
+
+def set_jit(model, on: bool) -> None:
+    """XLA (``jit_compile``) for the model's predict, train and test functions, set after ``compile``. Set
+    directly: Keras refuses XLA whenever op determinism is on, for GPU kernels XLA cannot run deterministically;
+    on a CPU, XLA runs under op determinism and its results equal the default kernels' (bench/jit.py)."""
+    model._jit_compile = bool(on)
+    model.predict_function = model.train_function = model.test_function = None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from xfer.config import interrupted, project_root, repo_root
+from xfer.config import project_root, repo_root
 from xfer.data import RUNS
 from xfer.files import read_json, write_json
+from xfer.signals import interrupted
 
 # Which stages' runs each stage links back to (their run ids are read from reports/runs/<stage>.json).
 UPSTREAM = {
@@ -231,13 +232,24 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str]) -> Iterator[Any]
 
 
 def epoch_logger():
-    """A Keras callback logging each epoch's logs (loss, accuracy, val_*, lr) to the active MLflow run."""
+    """A Keras callback logging each epoch's logs (loss, accuracy, val_*, lr) and its wall time, validation
+    included (``epoch_seconds``; also kept in its ``seconds`` list), to the active MLflow run. Put it after the
+    callbacks that validate."""
     import keras
     import mlflow
 
     class EpochLogger(keras.callbacks.Callback):
+        seconds: list[float] = []
+
+        def on_train_begin(self, logs: dict | None = None) -> None:
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started = time.perf_counter()
+
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            self.seconds.append(time.perf_counter() - self.started)
             metrics = {k: float(v) for k, v in (logs or {}).items()}
-            retry_locked(mlflow.log_metrics, metrics, step=epoch)
+            retry_locked(mlflow.log_metrics, {**metrics, "epoch_seconds": self.seconds[-1]}, step=epoch)
 
     return EpochLogger()

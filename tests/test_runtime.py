@@ -1,0 +1,71 @@
+"""Runtime: runtime.precision=auto picks bfloat16 only on hardware that runs it natively, and a pipeline that it
+switched to bfloat16 records the choice and still passes fine-tuning's exact transplant check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import TINY, tiny_project
+from xfer.runtime import auto_precision
+
+
+@pytest.mark.parametrize("flags, gpus, expected", [
+    ({"avx2", "fma"}, [], "float32"),                                # AVX2 EPYC: bfloat16 would be emulated
+    ({"avx512f", "avx512bw"}, [], "float32"),                        # AVX-512 without BF16
+    ({"avx512f", "avx512_bf16"}, [], "bfloat16"),                    # Cooper Lake, Zen 4
+    ({"amx_bf16", "amx_tile"}, [], "bfloat16"),                      # Sapphire Rapids
+    ({"avx2"}, [(8, 0)], "bfloat16"),                                # A100
+    ({"avx512_bf16"}, [(7, 5)], "float32"),                          # T4: the GPU computes, and it has no bf16
+    ({"avx2"}, [(8, 6), (7, 0)], "float32"),                         # every visible GPU must run it
+])
+def test_auto_precision_follows_the_hardware(flags, gpus, expected):
+    assert auto_precision(flags, gpus) == expected
+
+
+def test_auto_reads_this_machines_cpu_flags(monkeypatch):
+    import xfer.runtime as runtime
+
+    monkeypatch.setattr(runtime, "gpu_capabilities", lambda: [])
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"fpu", "amx_bf16"})
+    assert auto_precision() == "bfloat16"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"fpu", "avx2"})
+    assert auto_precision() == "float32"
+
+
+def test_cpu_flags_parses_proc_cpuinfo():
+    from pathlib import Path
+
+    from xfer.runtime import cpu_flags
+
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("no /proc/cpuinfo on this system")
+    assert {"fpu"} <= cpu_flags()  # every x86-64 CPU has it
+
+
+def test_auto_on_a_bf16_cpu_runs_featurize_and_finetune_in_bfloat16(tmp_path, monkeypatch):
+    import keras
+    import mlflow
+
+    import xfer.runtime as runtime
+    from xfer.config import load_params
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(runtime, "gpu_capabilities", lambda: [])
+    try:
+        with tiny_project(tmp_path / "proj", ["download", "split"], "bf16") as (root, _):
+            cfg = load_params([*TINY, "runtime.precision=auto"])
+            for stage in ("featurize", "views", "trunk", "train_head", "finetune"):
+                __import__(f"stages.{stage}", fromlist=["main"]).main(cfg)
+            meta = json.loads((root / "data/features/vgg16/meta.json").read_text())
+            client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+            runs = {r.data.tags["stage"]: r for r in client.search_runs(
+                [client.get_experiment_by_name("synthetic").experiment_id])}
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # the policy is global to this test process
+    assert meta["precision"] == "bfloat16"
+    assert runs["featurize"].data.params["runtime.precision"] == "auto"
+    assert runs["featurize"].data.params["precision_used"] == "bfloat16"
+    assert runs["finetune"].data.params["precision_used"] == "bfloat16"
+    assert runs["finetune"].data.metrics["transplant_max_abs_diff"] == 0.0  # featurize's batches, same kernels
