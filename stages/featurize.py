@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> None:
     import mlflow
 
     from xfer.backbones import backbone_cnn, build_base, set_precision
-    from xfer.runtime import seed_everything
+    from xfer.runtime import seed_everything, set_jit, use_jit
 
     seed_everything(cfg.seed, cfg.runtime.deterministic)
     b, f = cfg.backbone, cfg.featurize
@@ -42,6 +42,9 @@ def main(cfg: DictConfig) -> None:
     with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]):
         retry_locked(mlflow.log_param, "precision_used", precision)  # what runtime.precision=auto chose
         base = build_base(b, pooling=f.pooling)
+        jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
+        set_jit(base, jit)
+        retry_locked(mlflow.log_param, "jit_used", jit)
         sha = weights_sha256(b.weights)
         meta = {"backbone": b.name, "image_size": int(b.image_size), "feature_shape": list(base.output_shape[1:]),
                 "pooling": f.pooling, "dtype": f.dtype, "precision": precision,

@@ -72,7 +72,7 @@ def main(cfg: DictConfig) -> None:
 
     from xfer.boundary import fit_plan
     from xfer.models import class_weights, compile_model, save_model, training_callbacks
-    from xfer.runtime import progress_bar, seed_everything
+    from xfer.runtime import progress_bar, seed_everything, use_jit, xla_errors
 
     seed = int(cfg.seed)
     seed_everything(seed, cfg.runtime.deterministic)
@@ -82,7 +82,7 @@ def main(cfg: DictConfig) -> None:
     head = keras.saving.load_model(str(HEAD_MODEL))
     outputs = int(head.output_shape[-1])
     n_classes = 2 if outputs == 1 else outputs
-    with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed"]):
+    with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed", "runtime"]):
         model, base = assemble(cfg, head, seed)
         retry_locked(mlflow.log_param, "precision_used", keras.mixed_precision.global_policy().compute_dtype)
         diff = transplant_check(model, head, cfg)
@@ -94,16 +94,19 @@ def main(cfg: DictConfig) -> None:
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "finetune.csv") as curves:
             if f.enabled:
                 trainable = unfreeze_top(base, cfg.backbone.unfreeze_from)
+                jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
+                retry_locked(mlflow.log_param, "jit_used", jit)
                 plan = fit_plan(cfg, model, base, head,  # compiles after `trainable`
-                                lambda m, steps: compile_model(m, f, n_classes, steps_per_epoch=steps))
+                                lambda m, steps: compile_model(m, f, n_classes, steps_per_epoch=steps, jit=jit))
                 best = Path(tmp) / "best.weights.h5"
                 timer = epoch_logger()
                 callbacks = training_callbacks(best, f, [keras.callbacks.CSVLogger(str(curves)), timer,
                                                          progress_bar("finetune")])
-                history = plan.model.fit(plan.train, validation_data=plan.val, epochs=int(f.epochs),
-                                         callbacks=[*plan.first_callbacks, *callbacks], shuffle=False, verbose=0,
-                                         class_weight=class_weights(read_manifest("train")["label"], f.class_weight,
-                                                                    n_classes))  # the data shuffle themselves
+                weights = class_weights(read_manifest("train")["label"], f.class_weight, n_classes)
+                with xla_errors():
+                    history = plan.model.fit(plan.train, validation_data=plan.val, epochs=int(f.epochs),
+                                             callbacks=[*plan.first_callbacks, *callbacks], shuffle=False,
+                                             verbose=0, class_weight=weights)  # the data shuffle themselves
                 if best.exists():  # the best epoch, whether or not early stopping fired
                     plan.model.load_weights(str(best))  # shares its layers with `model`
                 if plan.model is not model:  # trained on trunk views: the image model is exported compiled

@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     import mlflow
 
     from xfer.models import build_head, class_weights, compile_model, save_model, training_callbacks
-    from xfer.runtime import progress_bar, seed_everything
+    from xfer.runtime import progress_bar, seed_everything, use_jit, xla_errors
 
     seed_everything(cfg.seed, cfg.runtime.deterministic)
     h = cfg.head
@@ -33,16 +33,19 @@ def main(cfg: DictConfig) -> None:
     n_classes = len(read_json(CLASSES))
     x_train, y_train, views = load_training_features(cfg.backbone.name)
     x_val, y_val = load_features(cfg.backbone.name, "val")
-    with stage_run("train_head", cfg, ["head", "seed"]):
+    with stage_run("train_head", cfg, ["head", "seed", "runtime"]):
         model = build_head(x_train.shape[1:], n_classes, h)
-        compile_model(model, h, n_classes, steps_per_epoch=-(-len(x_train) // int(h.batch_size)))
+        jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
+        retry_locked(mlflow.log_param, "jit_used", jit)
+        compile_model(model, h, n_classes, steps_per_epoch=-(-len(x_train) // int(h.batch_size)), jit=jit)
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "head.csv") as curves:
             best = Path(tmp) / "best.weights.h5"
             callbacks = training_callbacks(best, h, [keras.callbacks.CSVLogger(str(curves)), epoch_logger(),
                                                      progress_bar("train_head")])
-            history = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=int(h.epochs),
-                                batch_size=int(h.batch_size), callbacks=callbacks, shuffle=True, verbose=0,
-                                class_weight=class_weights(y_train, h.class_weight, n_classes))
+            with xla_errors():
+                history = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=int(h.epochs),
+                                    batch_size=int(h.batch_size), callbacks=callbacks, shuffle=True, verbose=0,
+                                    class_weight=class_weights(y_train, h.class_weight, n_classes))
             if best.exists():  # the best epoch, whether or not early stopping fired (else: no finite val_loss)
                 model.load_weights(str(best))
             save_model(model, HEAD_MODEL)

@@ -69,3 +69,43 @@ def test_auto_on_a_bf16_cpu_runs_featurize_and_finetune_in_bfloat16(tmp_path, mo
     assert runs["featurize"].data.params["precision_used"] == "bfloat16"
     assert runs["finetune"].data.params["precision_used"] == "bfloat16"
     assert runs["finetune"].data.metrics["transplant_max_abs_diff"] == 0.0  # featurize's batches, same kernels
+
+
+@pytest.mark.parametrize("setting, deterministic, gpus, expected", [
+    ("auto", True, [], False), ("auto", False, [], False),     # CPU: measured slower (bench/jit.py)
+    ("auto", False, [(8, 0)], True), ("auto", True, [(8, 0)], False),  # GPU: Keras's rule
+    (True, True, [], True), (False, False, [(8, 0)], False),
+])
+def test_use_jit(setting, deterministic, gpus, expected):
+    from xfer.runtime import use_jit
+
+    assert use_jit(setting, deterministic, gpus) is expected
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_bad_jit_setting_is_one_line(bad):
+    from xfer import XferError
+    from xfer.runtime import use_jit
+
+    with pytest.raises(XferError, match=r"^runtime\.jit: .* is not one of auto, true, false$"):
+        use_jit(bad, True, [])
+
+
+def test_jit_true_reaches_every_model_and_xla_refusals_are_one_line(tmp_path, monkeypatch):
+    """runtime.jit=true compiles featurize's base, the views' and trunk's models and the head with XLA (spied);
+    fine-tuning VGG16's block 5 under op determinism has no deterministic XLA max-pool gradient: one line."""
+    import xfer.runtime as runtime
+    from xfer import XferError
+    from xfer.config import load_params
+
+    calls = []
+    real = runtime.set_jit
+    monkeypatch.setattr(runtime, "set_jit", lambda model, on: (calls.append((model.name, on)), real(model, on)))
+    with tiny_project(tmp_path / "proj", ["download", "split"], "jit") as (root, _):
+        cfg = load_params([*TINY, "runtime.jit=true", "featurize.train_views=1", "finetune.trunk_views=1"])
+        for stage in ("featurize", "views", "trunk", "train_head"):
+            __import__(f"stages.{stage}", fromlist=["main"]).main(cfg)
+        assert {name for name, on in calls if on} >= {"base_vgg16", "trunk", "head"}
+        assert all(on for _, on in calls)
+        with pytest.raises(XferError, match=r"^runtime\.jit=true: XLA cannot compile .*determinism"):
+            __import__("stages.finetune", fromlist=["main"]).main(cfg)

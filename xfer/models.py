@@ -94,9 +94,14 @@ def optimizer(ocfg: DictConfig, steps_per_epoch: int | None = None) -> keras.opt
     raise XferError(f"optimizer: '{ocfg.optimizer}' is not one of rmsprop, adam, sgd")
 
 
-def compile_model(model: keras.Model, ocfg: DictConfig, n_classes: int, steps_per_epoch: int | None = None) -> None:
+def compile_model(model: keras.Model, ocfg: DictConfig, n_classes: int, steps_per_epoch: int | None = None,
+                  jit: bool = False) -> None:
+    """Compile with the section's optimizer, loss (label smoothing) and accuracy; ``jit``: XLA (runtime.jit)."""
+    from xfer.runtime import set_jit
+
     model.compile(optimizer=optimizer(ocfg, steps_per_epoch),
                   loss=loss_for(n_classes, ocfg.get("label_smoothing") or 0.0), metrics=["accuracy"])
+    set_jit(model, jit)
 
 
 def augmentation(acfg: DictConfig, seed: int) -> keras.Sequential:

@@ -8,7 +8,11 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from xfer import XferError
 
 # TensorFlow/absl/CUDA start-up lines that say nothing to a CPU user; everything else on stderr still shows.
 STARTUP_NOISE = re.compile(
@@ -97,6 +101,36 @@ def auto_precision(flags: set[str] | None = None, gpus: list[tuple[int, int]] | 
         return "bfloat16" if all(cc >= (8, 0) for cc in gpus) else "float32"
     flags = cpu_flags() if flags is None else flags
     return "bfloat16" if any(f in flags for f in BF16_CPU_FLAGS) else "float32"
+
+
+JIT_SETTINGS = ("auto", True, False)
+
+
+def use_jit(setting, deterministic: bool, gpus: list[tuple[int, int]] | None = None) -> bool:
+    """``runtime.jit``: true | false, or auto = XLA on GPUs without op determinism (Keras's own rule) and never on
+    a CPU, where bench/jit.py measured it slower (MobileNet: featurize 5x, head 1.8x, fine-tuning 3x slower;
+    VGG16 featurize equal) and where it lacks augmentation and deterministic max-pool gradient kernels."""
+    if setting not in JIT_SETTINGS or not isinstance(setting, (bool, str)):
+        raise XferError(f"runtime.jit: {setting!r} is not one of auto, true, false")
+    if setting == "auto":
+        return bool(gpu_capabilities() if gpus is None else gpus) and not deterministic
+    return bool(setting)
+
+
+@contextmanager
+def xla_errors() -> Iterator[None]:
+    """Turn XLA's refusal to compile a training step (an op without an XLA kernel, or without a deterministic one)
+    into one line that says what to set."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if "XLA" in line]
+        if not lines:
+            raise
+        raise XferError(f"runtime.jit=true: XLA cannot compile this training step ({lines[0][:160]}); set "
+                        "runtime.jit=auto, or runtime.deterministic=false if it names determinism") from None
 
 
 def set_jit(model, on: bool) -> None:

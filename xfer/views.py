@@ -28,8 +28,10 @@ def cache_training_views(model, cfg: DictConfig, out: Path, k: int, dtype: str) 
     from xfer.data import image_paths, read_manifest
     from xfer.features import featurize_split
     from xfer.models import augmentation
+    from xfer.runtime import set_jit, use_jit
     from xfer.tracking import retry_locked
 
+    set_jit(model, use_jit(cfg.runtime.jit, cfg.runtime.deterministic))
     train = read_manifest("train")
     ips = featurize_split(model, image_paths(train), train["label"].to_numpy(), out, "train",
                           int(cfg.featurize.batch_size), dtype, augment=augmentation(cfg.finetune.augment,
