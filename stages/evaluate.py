@@ -32,7 +32,7 @@ from xfer.data import (
     read_manifest,
 )
 from xfer.files import atomic_path, read_json, write_json
-from xfer.metrics import classification_metrics, roc_points
+from xfer.metrics import as_matrix, classification_metrics, roc_points
 from xfer.tracking import pipeline_id, retry_locked, stage_run
 
 MISCLASSIFIED = REPORTS / "misclassified.png"
@@ -88,25 +88,31 @@ def main(cfg: DictConfig) -> None:
     test = read_manifest("test")
     y = test["label"].to_numpy()
     bs = int(cfg.evaluate.batch_size)
-    with stage_run("evaluate", cfg, ["evaluate"]) as run:
+    with stage_run("evaluate", cfg, ["evaluate", "finetune.enabled"]) as run:
         predictor = Predictor.load(FINAL_MODEL, CLASSES, tta)
-        start = time.perf_counter()
-        ds = image_dataset(image_paths(test), y, int(cfg.backbone.image_size), bs)
-        views = [predictor.views(x.numpy()) for x, _ in ds]  # per batch: [plain, *tta views]
-        seconds = time.perf_counter() - start
-        plain = np.concatenate([v[0] for v in views])
-        probs = np.concatenate([np.mean(v, axis=0) for v in views])
         head = keras.saving.load_model(str(HEAD_MODEL))
         x_test, _ = load_features(cfg.backbone.name, "test")
         head_probs = head.predict(np.asarray(x_test), batch_size=bs, verbose=0)
+        # Without fine-tuning the image model is featurize's base + the head (finetune's transplant check): its
+        # plain predictions are the head's on the cached test features, so only TTA views need the images.
+        exported = not cfg.finetune.enabled
+        start, passes = time.perf_counter(), len(tta) + (not exported)
+        views = ([predictor.views(x.numpy(), plain=not exported)
+                  for x, _ in image_dataset(image_paths(test), y, int(cfg.backbone.image_size), bs)] if passes else [])
+        seconds = time.perf_counter() - start
+        plain = as_matrix(head_probs) if exported else np.concatenate([v[0] for v in views])
+        tta_views = [np.concatenate([v[i] for v in views]) for i in range(int(not exported), passes)]
+        probs = np.mean([plain, *tta_views], axis=0)
         final = classification_metrics(y, probs, classes)
         head_only = classification_metrics(y, head_probs, classes)
         metrics = {f"test_{k}": v for k, v in final.items()}
         metrics.update({f"head_test_{k}": head_only[k] for k in ("accuracy", "loss", "auc", "ece")})
-        metrics.update(test_images=len(test), model_params=int(predictor.model.count_params()),
-                       test_images_per_sec=len(test) / seconds, tta=tta,
+        metrics.update(test_images=len(test), model_params=int(predictor.model.count_params()), tta=tta,
+                       test_image_passes=passes,
                        test_accuracy_without_tta=classification_metrics(y, plain, classes)["accuracy"])
-        compared = [k for k in COMPARED if k != "test_accuracy_without_tta" or tta]
+        if passes:
+            metrics["test_images_per_sec"] = len(test) * passes / seconds
+        compared = [k for k in COMPARED if k in metrics and (k != "test_accuracy_without_tta" or tta)]
         write_json(REPORT, metrics)
         write_json(METRICS / "evaluate.json", {k: round(float(metrics[k]), 6) for k in compared})
         pred = probs.argmax(axis=1)

@@ -46,7 +46,7 @@ def test_offline_presets_use_real_weights_from_their_backbone_folder():
     mobile = compose_conf(["experiment=mobilenet-offline"])
     assert (mobile.backbone.constructor, mobile.backbone.kwargs.alpha, mobile.backbone.image_size) == \
         ("MobileNet", 0.25, 320)  # the best recipe of the README's table, above the weights' native 224 px
-    assert (mobile.head.pooling, mobile.head.label_smoothing, list(mobile.evaluate.tta)) == ("gap", 0.1, ["flip"])
+    assert (mobile.head.pooling, mobile.head.label_smoothing, list(mobile.evaluate.tta)) == ("gap", 0.1, [])
     assert mobile.finetune.enabled is False
     assert mobile.backbone.weights == "weights/mobilenet/mobilenet_2_5_224_tf_no_top.h5"
     vgg = compose_conf(["experiment=vgg16-offline"])

@@ -80,6 +80,7 @@ def test_evaluate_scores_the_image_model_and_the_head(tiny_run):
     assert all(isinstance(v, (int, float)) for v in m.values())  # `dvc metrics show`: numbers only
     full = read_json(root / "reports/evaluate.json")
     assert full["test_images"] == 12 and set(full["test_per_class"]) == {"blobs", "stripes"}
+    assert full["test_image_passes"] == 2  # fine-tuned: the image model on the images and on their mirrors
     assert np.array(full["test_confusion_matrix"]).sum() == 12
     preds = pd.read_csv(root / "reports/plots/test_predictions.csv")
     assert len(preds) == 12 and set(preds["actual"]) == {"blobs", "stripes"}
@@ -226,3 +227,18 @@ def test_validation_at_the_boundary_equals_the_whole_model_on_images(tiny_run, n
         read_json(root / "reports/runs/finetune.json")["run_id"])
     assert run.data.metrics["validation_at_boundary"] == 1  # the top-only path was the one measured
     assert name in pd.read_csv(root / "reports/plots/finetune.csv").columns  # callbacks after it saw it
+
+
+def test_without_fine_tuning_evaluate_reads_the_cached_test_features(tiny_run):
+    """(Last in this module: it replaces the fine-tuned model.) The exported model is the base + the head, so the
+    plain predictions come from the cached features and only TTA views run the images."""
+    from stages import evaluate, finetune
+
+    root, _ = tiny_run
+    finetune.main(load_params([*TINY, "finetune.enabled=false"]))
+    evaluate.main(load_params([*TINY, "finetune.enabled=false", "evaluate.tta=[]", "evaluate.register=false"]))
+    full = read_json(root / "reports/evaluate.json")
+    assert full["test_image_passes"] == 0 and "test_images_per_sec" not in full
+    assert full["test_accuracy"] == full["head_test_accuracy"] and full["test_loss"] == full["head_test_loss"]
+    evaluate.main(load_params([*TINY, "finetune.enabled=false", "evaluate.register=false"]))
+    assert read_json(root / "reports/evaluate.json")["test_image_passes"] == 1  # the mirrors only

@@ -70,11 +70,12 @@ class Predictor:
 
         return cls(keras.saving.load_model(str(model_path)), json.loads(Path(classes_path).read_text()), tta)
 
-    def views(self, batch: np.ndarray) -> list[np.ndarray]:
-        """(n, k) class probabilities of each view: the batch itself first, then each TTA view."""
+    def views(self, batch: np.ndarray, plain: bool = True) -> list[np.ndarray]:
+        """(n, k) class probabilities of each view: the batch itself first (unless not ``plain``), then each TTA
+        view."""
         from xfer.metrics import as_matrix
 
-        out = [as_matrix(self.model.predict(batch, verbose=0, batch_size=32))]
+        out = [as_matrix(self.model.predict(batch, verbose=0, batch_size=32))] if plain else []
         if "flip" in self.tta:
             out.append(as_matrix(self.model.predict(batch[:, :, ::-1, :], verbose=0, batch_size=32)))
         return out
