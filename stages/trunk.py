@@ -1,8 +1,8 @@
 """Trunk stage: K augmented views of every training image at the fine-tuning boundary (the activations that
 enter backbone.unfreeze_from), cached, so that fine-tuning trains the top of the backbone and the head on them
 (one view per image per epoch) instead of running the frozen trunk on every image every epoch.
-K = finetune.trunk_views; with 0 (the default) fine-tuning trains on images and the stage writes an empty cache
-at once, without loading TensorFlow.
+K = finetune.trunk_views; with 0 fine-tuning trains on images, and the stage (like with finetune.enabled=false)
+writes an empty cache at once, without loading TensorFlow.
 
 Same mechanism as the views stage (xfer.views: finetune.augment layers, seeded), stored as float16.
 Outputs data/trunk/<backbone>/: train_features.npy (K x n rows), train_labels.npy, train_paths.txt, meta.json.
@@ -21,9 +21,10 @@ from xfer.views import cache_training_views, check_views
 
 
 def main(cfg: DictConfig) -> None:
-    k = check_views("finetune.trunk_views", cfg.finetune.trunk_views)
+    k = check_views("finetune.trunk_views", cfg.finetune.trunk_views) if cfg.finetune.enabled else 0
     name, boundary = cfg.backbone.name, cfg.backbone.unfreeze_from
-    with stage_run("trunk", cfg, ["finetune.trunk_views", "finetune.augment", "backbone.unfreeze_from", "seed"]):
+    with stage_run("trunk", cfg, ["finetune.trunk_views", "finetune.enabled", "finetune.augment",
+                                  "backbone.unfreeze_from", "seed"]):
         meta = {"backbone": name, "boundary": boundary, "views": k, "images": 0}
         with atomic_dir(trunk_dir(name)) as tmp:
             if k:
@@ -43,7 +44,8 @@ def main(cfg: DictConfig) -> None:
                 meta.update(cache_training_views(parts[0], cfg, tmp, k, "float16"))
             write_json(tmp / "meta.json", meta)
     print(f"trunk: {k} augmented view(s) of {meta['images']} training images at {boundary}" if k else
-          "trunk: finetune.trunk_views is 0, fine-tuning trains on images")
+          "trunk: finetune.trunk_views is 0, fine-tuning trains on images" if cfg.finetune.enabled else
+          "trunk: finetune.enabled is false, nothing to cache")
 
 
 if __name__ == "__main__":

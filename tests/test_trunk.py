@@ -96,3 +96,15 @@ def test_finetune_refuses_stale_trunk_views(trunk_run):
 
     with pytest.raises(XferError, match=r"data/trunk/vgg16: no cached trunk views .*run the trunk stage"):
         finetune.main(load_params([*TINY, "finetune.trunk_views=3"]))
+
+
+def test_without_fine_tuning_the_trunk_stage_caches_nothing(trunk_run, capsys):
+    """(Last: it empties the module's trunk cache.) finetune.enabled=false: no views, whatever trunk_views says."""
+    from stages import trunk
+    from xfer.config import load_params
+
+    root, _ = trunk_run
+    trunk.main(load_params([*TINY, "finetune.trunk_views=2", "finetune.enabled=false"]))
+    assert read_json(root / "data/trunk/vgg16/meta.json")["views"] == 0
+    assert not (root / "data/trunk/vgg16/train_features.npy").exists()
+    assert "finetune.enabled is false" in capsys.readouterr().out
