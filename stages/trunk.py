@@ -10,9 +10,10 @@ Outputs data/trunk/<backbone>/: train_features.npy (K x n rows), train_labels.np
 
 from __future__ import annotations
 
+import sys
+
 from omegaconf import DictConfig
 
-from xfer import XferError
 from xfer.config import run_cli
 from xfer.data import trunk_dir
 from xfer.files import atomic_dir, write_json
@@ -37,14 +38,17 @@ def main(cfg: DictConfig) -> None:
                 base, _ = cached_base(cfg.backbone)
                 unfreeze_from(backbone_cnn(base), boundary)  # checks the layer name
                 parts = split_base(base, boundary)
-                if parts is None:
-                    raise XferError(f"finetune.trunk_views: backbone.unfreeze_from={boundary} cannot be cached, a "
-                                    "residual connection bypasses it; pick the first layer of a block or set "
-                                    "finetune.trunk_views=0")
-                meta.update(cache_training_views(parts[0], cfg, tmp, k, "float16"))
+                if parts is None:  # fine-tuning then trains on images, as with trunk_views=0
+                    meta.update(views=0, uncuttable=True)
+                    k = 0
+                    print(f"trunk: backbone.unfreeze_from={boundary} cannot be cached (a connection bypasses it, "
+                          "e.g. a residual or a multi-branch block); fine-tuning will train on images",
+                          file=sys.stderr)
+                else:
+                    meta.update(cache_training_views(parts[0], cfg, tmp, k, "float16"))
             write_json(tmp / "meta.json", meta)
     print(f"trunk: {k} augmented view(s) of {meta['images']} training images at {boundary}" if k else
-          "trunk: finetune.trunk_views is 0, fine-tuning trains on images" if cfg.finetune.enabled else
+          "trunk: no views, fine-tuning trains on images" if cfg.finetune.enabled else
           "trunk: finetune.enabled is false, nothing to cache")
 
 

@@ -71,6 +71,7 @@ TINY = [
     "finetune.epochs=1", "finetune.batch_size=8",
     "featurize.batch_size=8", "evaluate.batch_size=8",
     "runtime.precision=float32",  # not auto: the same float checks on every CPU (tests of auto fake the flags)
+    "finetune.trunk_views=0",  # fine-tuning on images; trunk views (the default) in test_trunk.py and the e2e demo
 ]
 
 

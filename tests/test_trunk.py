@@ -78,16 +78,24 @@ def test_finetuning_on_trunk_views_trains_the_image_model(trunk_run):
     assert logged["val_loss"] == pytest.approx(whole["loss"], abs=1e-4)
 
 
-def test_trunk_stage_refuses_a_boundary_it_cannot_cut(trunk_run, monkeypatch, capsys):
+def test_a_boundary_that_cannot_be_cut_falls_back_to_images(trunk_run, monkeypatch, capsys):
+    """(e.g. InceptionV3's mixed9, a multi-branch block) the default trunk_views must not break such a backbone."""
+    import mlflow
+
     import xfer.boundary
-    from stages import trunk
+    from stages import finetune, trunk
     from xfer.config import load_params
 
+    root, _ = trunk_run
     monkeypatch.setattr(xfer.boundary, "split_base", lambda base, boundary: None)
-    before = read_json("data/trunk/vgg16/meta.json")
-    with pytest.raises(XferError, match="finetune.trunk_views: backbone.unfreeze_from=block5_conv1 cannot be cached"):
-        trunk.main(load_params([*TINY, "finetune.trunk_views=1"]))
-    assert read_json("data/trunk/vgg16/meta.json") == before  # nothing half-written
+    cfg = load_params([*TINY, "finetune.trunk_views=1"])
+    trunk.main(cfg)
+    assert read_json(root / "data/trunk/vgg16/meta.json")["views"] == 0
+    assert "cannot be cached" in capsys.readouterr().err
+    finetune.main(cfg)
+    run = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(
+        read_json(root / "reports/runs/finetune.json")["run_id"])
+    assert run.data.metrics["trained_on_trunk_views"] == 0 and run.data.metrics["validation_at_boundary"] == 0
 
 
 def test_finetune_refuses_stale_trunk_views(trunk_run):

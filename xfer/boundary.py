@@ -96,9 +96,9 @@ def fit_plan(cfg: DictConfig, model: keras.Model, base: keras.Model, head: keras
     val = read_manifest("val")
     ds_val = image_dataset(image_paths(val), val["label"].to_numpy(), size, bs)
     parts = split_base(base, boundary)
-    if f.get("trunk_views"):
+    if f.get("trunk_views") and parts is not None:  # else the trunk stage cached nothing: train on images
         x, y = load_trunk_views(cfg)
-        trunk, top = parts  # the trunk stage refused a boundary it cannot cut
+        trunk, top = parts
         acts = keras.Input(top.input_shape[1:], name="activations")
         top_model = keras.Model(acts, head(top(acts, training=False)), name="top_and_head")
         compile_like(top_model, -(-len(y) // int(f.trunk_views) // bs))
