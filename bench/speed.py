@@ -5,7 +5,7 @@ same weights.
     head, RMSprop 1e-5): the pipeline (finetune.trunk_views=K: the top on cached boundary views, validation
     through the top on activations computed once) against the reference script (the whole network on augmented
     images every epoch, validation on images), both for --epochs epochs; seconds per epoch, their ratio, the
-    one-off costs, and test accuracy after those epochs. Goal: >= 3x faster at equal accuracy (± 0.5 point).
+    one-off costs, and test accuracy after those epochs. Goal: >= 3x faster, losing no more than 0.5 point.
 (b) The whole MobileNet pipeline (experiment=mobilenet-offline, featurize -> evaluate) against the whole reference
     script (feature extraction, feature extraction with augmentation, 10 fine-tuning epochs). Goal: >= 2.5x faster.
 
