@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -75,10 +74,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="row numbers to run (1-based), default all")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "xfer-ablation")
     args = ap.parse_args()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "XFER_"))}
-    args.work.mkdir(parents=True, exist_ok=True)
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
-    proj = prepare(args, args.work, env)
+    proj, env = prepare(args)
     wanted = {int(i) for i in args.only} if args.only else None
     results: dict[str, list[tuple[float, ...]]] = {}
 

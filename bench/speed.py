@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -37,13 +36,11 @@ BOOK_VGG16 = ["backbone.feature_layer=null", "backbone.unfreeze_from=block5_conv
               "finetune.patience=null", "evaluate.tta=[]", "evaluate.register=false"]
 
 
-def vgg16_epochs(args, env: dict) -> list[str]:
+def vgg16_epochs(args) -> list[str]:
     a = argparse.Namespace(**{**vars(args), "preset": "vgg16-offline", "weights": args.vgg16_weights,
                               "work": args.work / "vgg16", "ref_backbone": "vgg16", "ref_size": 180,
                               "ref_finetune_epochs": args.epochs})
-    a.work.mkdir(parents=True, exist_ok=True)
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{(a.work / 'mlflow.db').resolve()}"}
-    proj = prepare(a, a.work, env)
+    proj, env = prepare(a)
     run = [*BOOK_VGG16, f"finetune.epochs={args.epochs}", f"finetune.trunk_views={args.views}"]
     times = {}
     for stage in ("featurize", "views", "trunk", "train_head", "finetune", "evaluate"):
@@ -70,14 +67,12 @@ def vgg16_epochs(args, env: dict) -> list[str]:
     ]
 
 
-def mobilenet_pipeline(args, env: dict) -> list[str]:
+def mobilenet_pipeline(args) -> list[str]:
     a = argparse.Namespace(**{**vars(args), "preset": "mobilenet-offline", "weights": args.mobilenet_weights,
                               "split": args.mobilenet_split,
                               "work": args.work / "mobilenet", "ref_backbone": "mobilenet025", "ref_size": 224,
                               "ref_finetune_epochs": 10})
-    a.work.mkdir(parents=True, exist_ok=True)
-    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{(a.work / 'mlflow.db').resolve()}"}
-    proj = prepare(a, a.work, env)
+    proj, env = prepare(a)
     ours, theirs = [], []
     for seed in args.seeds:
         ours.append(run_pipeline(proj, seed, [], env))
@@ -108,12 +103,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "xfer-speed")
     args = ap.parse_args()
     args.reference = str(Path(args.reference).resolve())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "XFER_"))}
     lines = []
     if args.only != "mobilenet":
-        lines += vgg16_epochs(args, env)
+        lines += vgg16_epochs(args)
     if args.only != "vgg16":
-        lines += ["", *mobilenet_pipeline(args, env)]
+        lines += ["", *mobilenet_pipeline(args)]
     print("\n" + "\n".join(lines))
     print(f"CPU: {cpu()}")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -44,10 +43,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "xfer-trunk-views")
     args = ap.parse_intermixed_args()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "XFER_"))}
-    args.work.mkdir(parents=True, exist_ok=True)
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
-    proj = prepare(args, args.work, env)
+    proj, env = prepare(args)
 
     def stage(name: str, *overrides: str) -> tuple[str, float]:
         return sh([sys.executable, "-m", f"stages.{name}", *args.overrides, *overrides], proj, env)

@@ -41,7 +41,13 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> tuple[str, float]:
     return proc.stdout, time.perf_counter() - start
 
 
-def prepare(args, work: Path, env: dict) -> Path:
+def prepare(args) -> tuple[Path, dict]:
+    """A copy of the project in ``args.work``, downloaded and split per ``args``; the environment for its stages
+    (no DVC/XFER variables, its own MLflow database in ``args.work``) and the reference's symlinked folders."""
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "XFER_"))}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(work / 'mlflow.db').resolve()}"
     proj = work / "proj"
     if proj.exists():
         shutil.rmtree(proj)
@@ -70,7 +76,7 @@ def prepare(args, work: Path, env: dict) -> Path:
             link = ref / folder / cls / Path(path).name
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to((proj / "data/raw/images" / path).resolve())
-    return proj
+    return proj, env
 
 
 def run_pipeline(proj: Path, seed: int, overrides: list[str], env: dict) -> dict:
@@ -111,10 +117,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "xfer-vs-reference")
     args = ap.parse_intermixed_args()
     args.reference = str(Path(args.reference).resolve())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "XFER_"))}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(args.work / 'mlflow.db').resolve()}"
-    args.work.mkdir(parents=True, exist_ok=True)
-    proj = prepare(args, args.work, env)
+    proj, env = prepare(args)
     ours, theirs = [], []
     for seed in args.seeds:
         ours.append(run_pipeline(proj, seed, args.overrides, env))
