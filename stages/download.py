@@ -22,7 +22,8 @@ from xfer.data import CLASSES, IMAGES, METRICS, RAW, REPORTS
 from xfer.fetch import class_root, extract, fetch
 from xfer.files import atomic_dir, write_json
 from xfer.images import normalise_image, write_synthetic
-from xfer.tracking import retry_locked, stage_run
+from xfer.store import retry_locked
+from xfer.tracking import stage_run
 
 REPORT = REPORTS / "download.json"
 

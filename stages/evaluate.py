@@ -31,9 +31,11 @@ from xfer.data import (
     load_features,
     read_manifest,
 )
+from xfer.figures import confusion_figure, log_figure, misclassified_grid, roc_figure
 from xfer.files import atomic_path, read_json, write_json
 from xfer.metrics import as_matrix, classification_metrics, roc_points
-from xfer.tracking import pipeline_id, retry_locked, stage_run
+from xfer.store import retry_locked
+from xfer.tracking import log_inputs, stage_run
 
 MISCLASSIFIED = REPORTS / "misclassified.png"
 REPORT = REPORTS / "evaluate.json"
@@ -42,40 +44,12 @@ COMPARED = ("test_accuracy", "test_loss", "test_auc", "test_ece", "test_f1_macro
             "head_test_auc", "test_accuracy_without_tta", "test_images_per_sec")
 
 
-def misclassified_grid(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str], n: int,
-                       out) -> int:
-    """Save a grid of the ``n`` most confidently wrong images (true / predicted class and probability)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
-    wrong = [i for i in np.argsort(-conf) if pred[i] != y[i]][:n]
-    cols = 4
-    rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, i in zip(axes.ravel(), wrong, strict=False):
-        with Image.open(paths[i]) as img:
-            ax.imshow(img.convert("RGB"))
-        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} ({conf[i]:.2f})", fontsize=9)
-    if not wrong:
-        axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
-    fig.tight_layout()
-    fig.savefig(out, dpi=80, format="png")
-    plt.close(fig)
-    return len(wrong)
-
-
 def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
     from xfer.images import image_dataset
-    from xfer.serving import Predictor, check_tta, register
+    from xfer.serving import Predictor, check_tta, register, registered_name
 
     try:
         tta = check_tta(cfg.evaluate.tta)
@@ -88,7 +62,9 @@ def main(cfg: DictConfig) -> None:
     test = read_manifest("test")
     y = test["label"].to_numpy()
     bs = int(cfg.evaluate.batch_size)
-    with stage_run("evaluate", cfg, ["evaluate", "finetune.enabled"]) as run:
+    name = registered_name(cfg) if cfg.evaluate.register else "not registered"
+    with stage_run("evaluate", cfg, ["evaluate", "finetune.enabled"], {"evaluate.registered_model": name}) as run:
+        log_inputs(cfg, "test")
         predictor = Predictor.load(FINAL_MODEL, CLASSES, tta)
         head = keras.saving.load_model(str(HEAD_MODEL))
         x_test, _ = load_features(cfg.backbone.name, "test")
@@ -128,7 +104,9 @@ def main(cfg: DictConfig) -> None:
         retry_locked(mlflow.log_dict, metrics, "evaluate.json")
         for artifact in (MISCLASSIFIED, PLOTS / "roc.csv", PLOTS / "test_predictions.csv"):
             retry_locked(mlflow.log_artifact, str(artifact))
-        registered = (register(cfg, run.info.run_id, CLASSES, FINAL_MODEL, pipeline_id()) if cfg.evaluate.register
+        log_figure(roc_figure(fpr, tpr, final["auc"]), "roc.png", parent=True)
+        log_figure(confusion_figure(final["confusion_matrix"], classes), "confusion_matrix.png", parent=True)
+        registered = (register(cfg, run, CLASSES, FINAL_MODEL, metrics) if cfg.evaluate.register
                       else "not registered")
     summary = {k: round(float(metrics[k]), 4) for k in compared}
     print(f"evaluate: {json.dumps(summary)}; model {registered}")

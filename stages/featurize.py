@@ -20,7 +20,8 @@ from xfer.data import METRICS, SPLIT_NAMES, feature_dir, image_paths, read_manif
 from xfer.features import BASE_WEIGHTS, DTYPES, featurize_split
 from xfer.fetch import sha256_of
 from xfer.files import atomic_dir, write_json
-from xfer.tracking import retry_locked, stage_run
+from xfer.store import retry_locked
+from xfer.tracking import log_inputs, stage_run
 
 
 def weights_sha256(weights: str | None) -> str | None:
@@ -41,6 +42,7 @@ def main(cfg: DictConfig) -> None:
     precision = set_precision(cfg.runtime.precision)
     with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]):
         retry_locked(mlflow.log_param, "precision_used", precision)  # what runtime.precision=auto chose
+        log_inputs(cfg, *SPLIT_NAMES)
         base = build_base(b, pooling=f.pooling)
         jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
         set_jit(base, jit)

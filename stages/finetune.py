@@ -21,8 +21,10 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.config import run_cli
 from xfer.data import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, image_paths, load_features, read_manifest
+from xfer.figures import log_figure, training_curves
 from xfer.files import atomic_path, write_json
-from xfer.tracking import epoch_logger, retry_locked, stage_run
+from xfer.store import retry_locked
+from xfer.tracking import epoch_logger, fit_metrics, log_inputs, stage_run
 
 TRANSPLANT_TOLERANCE = 1e-3
 
@@ -85,6 +87,7 @@ def main(cfg: DictConfig) -> None:
     with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed", "runtime"]):
         model, base = assemble(cfg, head, seed)
         retry_locked(mlflow.log_param, "precision_used", keras.mixed_precision.global_policy().compute_dtype)
+        log_inputs(cfg, "train", "val")
         diff = transplant_check(model, head, cfg)
         retry_locked(mlflow.log_metric, "transplant_max_abs_diff", diff)
         if diff > TRANSPLANT_TOLERANCE:
@@ -113,7 +116,7 @@ def main(cfg: DictConfig) -> None:
                     compile_model(model, f, n_classes, steps_per_epoch=1)
                 val = plan.evaluate()
                 metrics.update({f"val_{k.removeprefix('val_')}": round(float(v), 6) for k, v in val.items()})
-                details.update({"epochs": len(history.history["loss"]), "trainable_layers": trainable,
+                details.update({**fit_metrics(history, int(f.epochs)), "trainable_layers": trainable,
                                 "mean_epoch_seconds": round(float(np.mean(timer.seconds)), 2),
                                 "trainable_weights": len(plan.model.trainable_weights),
                                 "validation_at_boundary": int(plan.at_boundary),
@@ -123,8 +126,10 @@ def main(cfg: DictConfig) -> None:
                 compile_model(model, f, n_classes, steps_per_epoch=1)  # exported only, never trained
             save_model(model, FINAL_MODEL)
         write_json(METRICS / "finetune.json", metrics)
-        retry_locked(mlflow.log_metrics, {**metrics, **details})
-        retry_locked(mlflow.log_artifact, str(FINAL_MODEL), artifact_path="model")
+        retry_locked(mlflow.log_metrics, details)  # the kept model's val_* are the fit's at best_epoch
+        if f.enabled:
+            log_figure(training_curves(PLOTS / "finetune.csv", f"fine-tuning {cfg.backbone.name}"), "curves.png")
+        retry_locked(mlflow.log_artifact, str(FINAL_MODEL), artifact_path="keras_model")
     print(f"finetune: {json.dumps({**metrics, **details})}")
 
 

@@ -51,7 +51,7 @@ def load(model: str, classes: str, tta=()):
     if "://" in model or model.startswith("models:/"):
         import mlflow.pyfunc
 
-        from xfer.tracking import tracking_uri
+        from xfer.store import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri())
         pyfunc = mlflow.pyfunc.load_model(model)

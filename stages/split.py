@@ -19,7 +19,8 @@ from xfer import XferError
 from xfer.config import run_cli
 from xfer.data import CLASSES, IMAGES, REPORTS, SPLIT_NAMES, SPLITS
 from xfer.files import atomic_dir, read_json, write_json
-from xfer.tracking import retry_locked, stage_run
+from xfer.store import retry_locked
+from xfer.tracking import log_inputs, stage_run
 
 
 def list_images() -> pd.DataFrame:
@@ -92,6 +93,7 @@ def main(cfg: DictConfig) -> None:
 
         retry_locked(mlflow.log_metrics, {f"{name}_images": len(frame) for name, frame in parts.items()})
         retry_locked(mlflow.log_metric, "duplicates_dropped", len(duplicates))
+        log_inputs(cfg, *parts)
     print("split: " + ", ".join(f"{n} {len(f)}" for n, f in parts.items())
           + f" ({len(duplicates)} duplicate files dropped)")
 

@@ -15,8 +15,10 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.config import run_cli
 from xfer.data import CLASSES, HEAD_MODEL, METRICS, PLOTS, load_features, load_training_features
+from xfer.figures import log_figure, training_curves
 from xfer.files import atomic_path, read_json, write_json
-from xfer.tracking import epoch_logger, retry_locked, stage_run
+from xfer.store import retry_locked
+from xfer.tracking import epoch_logger, fit_metrics, log_inputs, stage_run
 
 
 def main(cfg: DictConfig) -> None:
@@ -34,6 +36,7 @@ def main(cfg: DictConfig) -> None:
     x_train, y_train, views = load_training_features(cfg.backbone.name)
     x_val, y_val = load_features(cfg.backbone.name, "val")
     with stage_run("train_head", cfg, ["head", "seed", "runtime"]):
+        log_inputs(cfg, "train", "val")
         model = build_head(x_train.shape[1:], n_classes, h)
         jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
         retry_locked(mlflow.log_param, "jit_used", jit)
@@ -50,14 +53,14 @@ def main(cfg: DictConfig) -> None:
                 model.load_weights(str(best))
             save_model(model, HEAD_MODEL)
         val_loss, val_acc = model.evaluate(x_val, y_val, batch_size=int(h.batch_size), verbose=0)
-        epochs = len(history.history["loss"])
         metrics = {"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_acc), 6)}
         write_json(METRICS / "head.json", metrics)
-        retry_locked(mlflow.log_metrics, {"best_val_loss": val_loss, "best_val_accuracy": val_acc, "epochs": epochs,
-                                          "params": model.count_params(), "train_rows": len(x_train),
+        fit = fit_metrics(history, int(h.epochs))
+        retry_locked(mlflow.log_metrics, {**fit, "params": model.count_params(), "train_rows": len(x_train),
                                           "train_views": views})
-        retry_locked(mlflow.log_artifact, str(HEAD_MODEL), artifact_path="model")
-    print(f"train_head: {json.dumps({**metrics, 'epochs': epochs})}")
+        log_figure(training_curves(PLOTS / "head.csv", f"head on {cfg.backbone.name} features"), "curves.png")
+        retry_locked(mlflow.log_artifact, str(HEAD_MODEL), artifact_path="head_model")
+    print(f"train_head: {json.dumps({**metrics, 'epochs': fit['stopped_epoch']})}")
 
 
 if __name__ == "__main__":

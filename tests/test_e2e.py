@@ -9,9 +9,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -68,12 +71,14 @@ def dvc_status_clean(root: Path, env: dict, dvc: list[str]) -> bool:
     return "Data and pipelines are up to date" in run([*dvc, "status"], root, env)
 
 
-def mlflow_runs(root: Path):
+def mlflow_runs(root: Path, role: str = "stage"):
+    """The stage runs (or, with role="pipeline", the parent runs) of the demo experiment, oldest first."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("synthetic")
-    return client, exp, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, exp, client.search_runs([exp.experiment_id], f"tags.role = '{role}'",
+                                           order_by=["attributes.start_time ASC"])
 
 
 def test_demo_reaches_the_accuracy_threshold(demo_repo):
@@ -83,17 +88,20 @@ def test_demo_reaches_the_accuracy_threshold(demo_repo):
     assert (root / "models/model.keras").is_file() and (root / "dvc.lock").is_file()
 
 
-def test_one_mlflow_run_per_stage_sharing_the_pipeline_tag(demo_repo):
+def test_one_parent_run_per_pipeline_with_its_stage_runs_nested(demo_repo):
     root, *_ = demo_repo
     client, exp, runs = mlflow_runs(root)
     names = [r.info.run_name for r in runs]
-    assert names == [f"{s}-vgg16" for s in ("download", "split", "featurize", "views", "trunk", "train_head",
-                                            "finetune", "evaluate")]
+    assert names == ["download", "split", *(f"{s}-vgg16" for s in ("featurize", "views", "trunk", "train_head",
+                                                                     "finetune", "evaluate"))]
     pipeline = {r.data.tags["pipeline_id"] for r in runs}
-    assert len(pipeline) == 1 and not pipeline.pop().startswith("manual-")  # derived from the dvc process
-    assert all(r.data.tags["dvc_exp_name"] for r in runs)
+    assert len(pipeline) == 1 and re.fullmatch(r"[0-9a-f]{8}", pipeline.pop())  # derived from the dvc process
+    _, _, (parent,) = mlflow_runs(root, "pipeline")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == parent.data.tags["dvc_exp_name"] != ""
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert parent.data.metrics["test_accuracy"] > 0.9 and parent.data.tags["cached_stages"] == "none"
     assert exp.artifact_location == (root / "mlruns" / "artifacts").as_uri()
-    assert client.list_artifacts(runs[-2].info.run_id, "model")  # finetune logged its model
+    assert client.list_artifacts(runs[-2].info.run_id, "keras_model")  # finetune logged its model
 
 
 def test_killed_and_forced_reruns_change_no_byte_and_rerun_nothing_below(demo_repo):
@@ -120,6 +128,8 @@ def test_killed_and_forced_reruns_change_no_byte_and_rerun_nothing_below(demo_re
     _, _, runs = mlflow_runs(root)
     killed = [r for r in runs if r.info.run_name == "featurize-vgg16" and r.info.status == "KILLED"]
     assert len(killed) == 1 and "xfer.closed_because" in killed[0].data.tags
+    _, _, parents = mlflow_runs(root, "pipeline")  # the SIGKILLed pipeline's parent was closed too
+    assert [p.info.status for p in parents] == ["FINISHED", "KILLED", "FINISHED"]
     log = run([*dvc, "repro", "-f", "-s", "train_head"], root, env)
     assert re.findall(r"Running stage '(\w+)'", log) == ["train_head"]
     assert output_hashes((root / "dvc.lock").read_text()) == before and dvc_status_clean(root, env, dvc)
@@ -138,14 +148,23 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
     latest = [r for r in runs if r.data.tags["pipeline_id"] == runs[-1].data.tags["pipeline_id"]]
     assert [r.info.run_name for r in latest] == ["train_head-vgg16", "finetune-vgg16", "evaluate-vgg16"]
     assert latest[0].data.params["head.units"] == "128"
+    # Its parent still summarizes the cached stages, linked to the runs that produced them.
+    _, _, parents = mlflow_runs(root, "pipeline")
+    t, m = parents[-1].data.tags, parents[-1].data.metrics
+    assert t["cached_stages"] == "download,split,featurize,views,trunk"
+    assert t["ran_stages"] == "train_head,finetune,evaluate"
+    assert parents[-1].data.params["head.units"] == "128"
+    assert {"images_kept", "featurize_images_per_sec", "featurize_seconds", "test_accuracy"} <= set(m)
+    assert t["stage.split"] == parents[0].data.tags["stage.split"]  # linked to the run that produced it
 
 
 @pytest.fixture(scope="module")
 def queue_repo(tmp_path_factory):
-    """A second fresh repository: two demo experiments queued and run by two parallel workers."""
+    """A second fresh repository: two demo experiments (VGG16, MobileNet) queued and run by two parallel workers."""
     root, env, dvc = fresh_repo(tmp_path_factory)
     run([*dvc, "exp", "run", "--queue", "-n", "demo-a", "-S", "experiment=demo"], root, env)
-    run([*dvc, "exp", "run", "--queue", "-n", "demo-b", "-S", "experiment=demo", "-S", "head.units=64"], root, env)
+    run([*dvc, "exp", "run", "--queue", "-n", "demo-b", "-S", "experiment=demo", "-S", "backbone=mobilenet"],
+        root, env)
     start = time.time()
     run([*dvc, "queue", "start", "-j", "2"], root, env)
     while True:
@@ -168,13 +187,16 @@ def test_parallel_queued_experiments_lose_nothing(queue_repo):
     assert "Failed" not in status, status
     names = run([*dvc, "exp", "list", "--name-only"], root, env).split()
     assert {"demo-a", "demo-b"} <= set(names)
-    _, _, runs = mlflow_runs(root)
+    client, _, runs = mlflow_runs(root)
     assert len(runs) == 16 and all(r.info.status == "FINISHED" for r in runs)
     by_exp = {name: sorted(r.info.run_name for r in runs if r.data.tags["dvc_exp_name"] == name)
               for name in ("demo-a", "demo-b")}
-    stages = sorted(f"{s}-vgg16" for s in ("download", "split", "featurize", "views", "trunk", "train_head", "finetune",
-                                           "evaluate"))
-    assert by_exp == {"demo-a": stages, "demo-b": stages}
+    stages = ("featurize", "views", "trunk", "train_head", "finetune", "evaluate")
+    assert by_exp == {name: sorted(["download", "split", *(f"{s}-{b}" for s in stages)])
+                      for name, b in (("demo-a", "vgg16"), ("demo-b", "mobilenet"))}
+    _, _, parents = mlflow_runs(root, "pipeline")
+    assert sorted(p.info.run_name for p in parents) == ["demo-a", "demo-b"]
+    assert all(p.info.status == "FINISHED" and "test_accuracy" in p.data.metrics for p in parents)
 
 
 def test_same_parameters_give_the_same_bytes_in_another_repository(demo_repo, queue_repo):
@@ -187,3 +209,42 @@ def test_same_parameters_give_the_same_bytes_in_another_repository(demo_repo, qu
     metrics = json.loads(exp_file(root, env, "demo-a", "reports/metrics/evaluate.json"))
     for key in ("test_accuracy", "test_loss", "test_auc", "test_ece", "head_test_accuracy"):
         assert round(metrics[key], 4) == round(first["metrics"][key], 4), key
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package; Playwright's own browser download cannot work offline
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(db: Path, env: dict, log: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 over ``db``; yields its URL once it answers /health."""
+    import urllib.request
+
+    port = free_port()
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -46,23 +46,23 @@ def test_expected_calibration_error():
 
 
 def fake_pipeline(client, exp_id, backbone, accuracy, ips, exp_name, seed=42, units=256):
-    """Record featurize/train_head/finetune/evaluate runs linked by upstream tags, as the stages do."""
-    def run(stage, metrics, tags, params=None):
-        r = client.create_run(exp_id, run_name=f"{stage}-{backbone}",
-                              tags={"stage": stage, "backbone": backbone, "pipeline_id": f"p-{backbone}-{seed}",
-                                    "dvc_exp_name": exp_name, **tags})
-        for k, v in metrics.items():
-            client.log_metric(r.info.run_id, k, v)
-        for k, v in (params or {}).items():
-            client.log_param(r.info.run_id, k, v)
-        client.set_terminated(r.info.run_id)
-        return r.info.run_id
-
-    feat = run("featurize", {"images_per_sec": ips}, {}, {"backbone.name": backbone})
-    head = run("train_head", {}, {"upstream.featurize": feat}, {"head.units": units, "seed": seed})
-    ft = run("finetune", {}, {"upstream.train_head": head, "upstream.featurize": feat}, {"seed": seed})
-    return run("evaluate", {"test_accuracy": accuracy, "test_auc": accuracy + 0.01, "model_params": 1e6},
-               {"upstream.finetune": ft, "upstream.train_head": head})
+    """Record a pipeline's parent run as the stages leave it (summary params, metrics and tags), with a stage run
+    nested under it that compare must not list."""
+    tags = {"pipeline_id": f"p-{backbone}-{seed}", "dvc_exp_name": exp_name}
+    parent = client.create_run(exp_id, run_name=exp_name, tags={**tags, "role": "pipeline",
+                                                                "config_digest": f"{backbone}-{units}"})
+    pid = parent.info.run_id
+    for k, v in {"test_accuracy": accuracy, "test_auc": accuracy + 0.01, "model_params": 1e6,
+                 "featurize_images_per_sec": ips, "train_head_seconds": 3.0, "finetune_seconds": 7.5}.items():
+        client.log_metric(pid, k, v)
+    for k, v in {"backbone.name": backbone, "head.units": units, "seed": seed}.items():
+        client.log_param(pid, k, v)
+    stage = client.create_run(exp_id, run_name=f"evaluate-{backbone}",
+                              tags={**tags, "role": "stage", "stage": "evaluate", "mlflow.parentRunId": pid})
+    client.log_metric(stage.info.run_id, "test_accuracy", accuracy)
+    client.set_terminated(stage.info.run_id)
+    client.set_terminated(pid)
+    return pid
 
 
 def test_leaderboard_from_a_temporary_mlflow_database(tmp_path, monkeypatch):
@@ -84,6 +84,7 @@ def test_leaderboard_from_a_temporary_mlflow_database(tmp_path, monkeypatch):
     assert list(board["run_id"]) == [fast, slow]
     assert list(board["featurize_images_per_sec"]) == [120.0, 40.0]
     assert list(board["experiment"]) == ["exp-b", "exp-a"]
+    assert list(board["training_time_s"]) == [10.5, 10.5]  # train_head + finetune seconds
     md = (tmp_path / "cmp/leaderboard.md").read_text()
     assert md.splitlines()[2].startswith("| mobilenetv2 | exp-b | 0.9500 | 0.9600")
     assert (tmp_path / "cmp/leaderboard.png").read_bytes()[:4] == b"\x89PNG"

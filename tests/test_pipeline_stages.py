@@ -100,6 +100,12 @@ def test_registered_model_takes_raw_images(tiny_run):
     version = client.get_model_version_by_alias("synthetic-classifier", "candidate")
     assert version.tags["backbone"] == "vgg16" and version.tags["pipeline_id"] == "pipeline-under-test"
     assert version.tags["run_id"] == read_json(root / "reports/runs/evaluate.json")["run_id"]
+    accuracy = read_json(root / "reports/metrics/evaluate.json")["test_accuracy"]
+    assert version.tags["test_accuracy"] == f"{accuracy:.4f}" and version.tags["split"] == "12/6/6"
+    assert f"{accuracy:.4f}" in version.description and "per class train/val/test 12/6/6" in version.description
+    experiment = client.get_experiment_by_name("synthetic").experiment_id
+    (logged,) = client.search_logged_models([experiment], f"source_run_id = '{version.tags['run_id']}'")
+    assert logged.name == "classifier" and logged.model_id in version.source
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/synthetic-classifier@candidate")
     assert model.metadata.signature.inputs.input_names() == ["image"]
@@ -177,26 +183,57 @@ def test_model_server_answers_a_posted_image(tiny_run, tmp_path):
     assert row["class"] in {"blobs", "stripes"} and 0.5 <= row["probability"] <= 1
 
 
-def test_one_mlflow_run_per_stage_linked_and_tagged(tiny_run):
+def test_stage_runs_nest_under_one_parent_that_summarizes_the_pipeline(tiny_run):
     root, _ = tiny_run
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name("synthetic")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {f"{s}-vgg16" for s in STAGES}
-    for run in runs.values():
-        assert run.data.tags["pipeline_id"] == "pipeline-under-test"
-        assert run.data.tags["backbone"] == "vgg16" and "git_commit" in run.data.tags
+    (parent,) = client.search_runs([exp.experiment_id], "tags.role = 'pipeline'")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.role = 'stage'")}
+    assert set(runs) == {"download", "split"} | {f"{s}-vgg16" for s in STAGES[2:]}  # named after what they use
+    assert "backbone" not in runs["split"].data.tags and runs["views-vgg16"].data.tags["backbone"] == "vgg16"
     links = {s: read_json(root / f"reports/runs/{s}.json")["run_id"] for s in STAGES}
+    for run in runs.values():
+        assert run.data.tags["pipeline_id"] == "pipeline-under-test" and "git_commit" in run.data.tags
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert parent.info.run_name == "vgg16-pipeline-under-test" and parent.info.status == "FINISHED"
     assert runs["finetune-vgg16"].data.tags["upstream.train_head"] == links["train_head"]
     assert runs["train_head-vgg16"].data.params["head.units"] == "256"
-    assert "test_accuracy" in runs["evaluate-vgg16"].data.metrics
+    # The parent: key params (effective values), final metrics, stage times, links, datasets, figures.
+    p, m, t = parent.data.params, parent.data.metrics, parent.data.tags
+    assert p["backbone.name"] == "vgg16" and p["backbone.weights"] == "random" and p["split.train"] == "12"
+    assert runs["featurize-vgg16"].data.params["backbone.weights"] == "random"
+    evaluate = read_json(root / "reports/metrics/evaluate.json")
+    assert m["test_accuracy"] == pytest.approx(evaluate["test_accuracy"])
+    assert m["head_val_accuracy"] == pytest.approx(read_json(root / "reports/metrics/head.json")["val_accuracy"])
+    assert "finetuned_val_accuracy" in m and "featurize_images_per_sec" in m and m["model_params"] > 0
+    assert m["head_stopped_epoch"] == 3 and m["head_early_stopped"] == 0 and m["finetuned_stopped_epoch"] == 1
+    seconds = [m[f"{s}_seconds"] for s in STAGES]
+    assert min(seconds) > 0 and m["pipeline_seconds"] == pytest.approx(sum(seconds)) and m["cached_stage_count"] == 0
+    assert {s: t[f"stage.{s}"] for s in STAGES} == links and t["cached_stages"] == "none"
+    for key in m:  # no duplicate points; totals have one per stage (its place in the pipeline)
+        steps = [p.step for p in client.get_metric_history(parent.info.run_id, key)]
+        assert steps == (list(range(len(STAGES))) if key in ("pipeline_seconds", "from_scratch_seconds",
+                                                            "cached_stage_count") else [0]), key
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {f"synthetic-{s}" for s in ("train", "val",
+                                                                                                   "test")}
+    (test_input,) = runs["evaluate-vgg16"].inputs.dataset_inputs
+    assert test_input.dataset.name == "synthetic-test" and test_input.tags[0].value == "test"
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"roc.png", "confusion_matrix.png", "params.yaml"} <= figures
+    assert "curves.png" in {a.path for a in client.list_artifacts(links["train_head"])}
+    # Metric names say what they measure; each epoch logged once; no extra point after the last epoch.
+    head = runs["train_head-vgg16"].data.metrics
+    assert head["stopped_epoch"] == 3 and head["early_stopped"] == 0
+    assert head["best_val_accuracy"] >= head["val_accuracy_at_best_loss"] and "best_val_loss" in head
     history = client.get_metric_history(links["train_head"], "val_loss")
-    assert [m.step for m in history] == list(range(3))  # once per epoch, no double logging
+    assert [m.step for m in history] == list(range(3))
+    assert [m.step for m in client.get_metric_history(links["finetune"], "val_loss")] == [0]  # 1 epoch
     timed = client.get_metric_history(links["finetune"], "epoch_seconds")  # train + validation, per epoch
     assert [m.step for m in timed] == [0] and timed[0].value > 0
     assert runs["finetune-vgg16"].data.metrics["mean_epoch_seconds"] > 0
+    assert runs["evaluate-vgg16"].data.params["evaluate.registered_model"] == "synthetic-classifier"
 
 
 def test_transplant_check_catches_wrong_preprocessing(tiny_run):
@@ -242,3 +279,28 @@ def test_without_fine_tuning_evaluate_reads_the_cached_test_features(tiny_run):
     assert full["test_accuracy"] == full["head_test_accuracy"] and full["test_loss"] == full["head_test_loss"]
     evaluate.main(load_params([*TINY, "finetune.enabled=false", "evaluate.register=false"]))
     assert read_json(root / "reports/evaluate.json")["test_image_passes"] == 1  # the mirrors only
+
+
+def test_a_pipeline_whose_stages_were_cached_still_has_their_summary(tiny_run, monkeypatch):
+    """(After the others: it reruns evaluate.) As under `dvc repro` after a change only evaluate reads: the new
+    pipeline's parent links the cached stages' runs and still holds their figures; compare lists both."""
+    import mlflow
+
+    from stages import evaluate
+    from xfer.compare import leaderboard
+
+    root, _ = tiny_run
+    first = {s: read_json(root / f"reports/runs/{s}.json")["run_id"] for s in STAGES}
+    monkeypatch.setenv("XFER_PIPELINE_ID", "second")
+    evaluate.main(load_params([*TINY, "evaluate.register=false"]))
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name("synthetic")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.role = 'pipeline' and tags.pipeline_id = 'second'")
+    t, m = parent.data.tags, parent.data.metrics
+    assert t["ran_stages"] == "evaluate" and t["cached_stages"].split(",") == STAGES[:-1]
+    assert all(t[f"stage.{s}"] == first[s] for s in STAGES[:-1]) and t["stage.evaluate"] != first["evaluate"]
+    assert m["cached_stage_count"] == 7 and m["pipeline_seconds"] == pytest.approx(m["evaluate_seconds"])
+    assert {"head_val_accuracy", "featurize_images_per_sec", "train_head_seconds", "test_accuracy"} <= set(m)
+    assert "cached, from an earlier pipeline" in t["mlflow.note.content"]
+    board = leaderboard(client, "synthetic")
+    assert "second" in set(board["pipeline_id"]) and len(board) == 2

@@ -61,7 +61,7 @@ def test_auto_on_a_bf16_cpu_runs_featurize_and_finetune_in_bfloat16(tmp_path, mo
             meta = json.loads((root / "data/features/vgg16/meta.json").read_text())
             client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
             runs = {r.data.tags["stage"]: r for r in client.search_runs(
-                [client.get_experiment_by_name("synthetic").experiment_id])}
+                [client.get_experiment_by_name("synthetic").experiment_id], "tags.role = 'stage'")}
     finally:
         keras.mixed_precision.set_global_policy("float32")  # the policy is global to this test process
     assert meta["precision"] == "bfloat16"

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from xfer.tracking import close_abandoned_runs, prepare_database, retry_locked
+from xfer.store import prepare_database, retry_locked
+from xfer.tracking import close_abandoned_runs
 
 
 def _first_run(uri: str, name: str, barrier) -> str:

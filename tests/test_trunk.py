@@ -65,7 +65,7 @@ def test_finetuning_on_trunk_views_trains_the_image_model(trunk_run):
     root, cfg = trunk_run
     run = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(
         read_json(root / "reports/runs/finetune.json")["run_id"])
-    assert run.data.metrics["trained_on_trunk_views"] == 1 and run.data.metrics["epochs"] == 2
+    assert run.data.metrics["trained_on_trunk_views"] == 1 and run.data.metrics["stopped_epoch"] == 2
     model = keras.saving.load_model(str(root / "models/model.keras"))
     head = keras.saving.load_model(str(root / "models/head.keras"))
     x_val = np.load(root / "data/features/vgg16/val_features.npy")

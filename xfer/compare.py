@@ -3,9 +3,8 @@
 usage: python -m xfer.compare [--experiment petimages] [--per-run] [--per-backbone] [--out reports/compare]
 Writes leaderboard.md, leaderboard.csv and leaderboard.png (test accuracy, with the spread over seeds) and prints
 the Markdown. Pipelines that share every parameter except `seed` form one row: mean ± std over their seeds and
-the number of seeds (run them with `dvc exp run --queue -S seed=1,2,3`). --per-run lists each pipeline. The
-evaluate run of a pipeline and the featurize, views, train_head and finetune runs it links to (upstream.* tags)
-supply the parameters, images/s and training time.
+the number of seeds (run them with `dvc exp run --queue -S seed=1,2,3`). --per-run lists each pipeline. Each
+pipeline's parent MLflow run supplies its row (it also summarizes the stages DVC skipped as cached).
 """
 
 from __future__ import annotations
@@ -26,42 +25,31 @@ GROUPED = ["backbone", "experiment", "seeds", "test_accuracy", "test_accuracy_st
 MEANS = ["test_accuracy", "test_auc", "test_f1_macro", "featurize_images_per_sec", "params", "training_time_s"]
 
 
-def _duration(run) -> float:
-    return ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000 if run else float("nan")
-
-
 def leaderboard(client, experiment: str) -> pd.DataFrame:
-    """Rows of (backbone, metrics, speed, size, time, seed, config) for every finished evaluate run of
-    ``experiment``; ``config`` identifies the parameters other than the seed."""
+    """One row per finished pipeline of ``experiment`` that reached evaluate, from its parent run (which also
+    summarizes the stages DVC skipped): backbone, metrics, speed, size, training time, seed and ``config``
+    (the digest of every parameter but the seed)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise XferError(f"no MLflow experiment '{experiment}'; experiments here: {names}")
-    runs = client.search_runs([exp.experiment_id], "tags.stage = 'evaluate' and attributes.status = 'FINISHED'")
-
-    def linked(run, stage):
-        run_id = run.data.tags.get(f"upstream.{stage}") if run else None
-        return client.get_run(run_id) if run_id else None
-
+    runs = client.search_runs([exp.experiment_id], "tags.role = 'pipeline' and attributes.status = 'FINISHED'",
+                              max_results=5000)
     rows, configs = [], []
-    for ev in runs:
-        finetune, head = linked(ev, "finetune"), linked(ev, "train_head")
-        featurize = linked(finetune, "featurize") or linked(head, "featurize")
-        params = {}
-        for r in (featurize, linked(head, "views"), linked(finetune, "trunk"), head, finetune, ev):
-            params.update(r.data.params if r else {})
-        seed = params.pop("seed", None)
-        configs.append(repr(sorted(params.items())))
-        m = ev.data.metrics
+    for run in runs:
+        m, p, t = run.data.metrics, run.data.params, run.data.tags
+        if "test_accuracy" not in m:
+            continue
+        configs.append(t.get("config_digest", run.info.run_id))
         rows.append({
-            "backbone": ev.data.tags.get("backbone", "?"),
-            "experiment": ev.data.tags.get("dvc_exp_name") or "-",
-            "test_accuracy": m.get("test_accuracy"), "test_auc": m.get("test_auc"),
+            "backbone": p.get("backbone.name", t.get("backbone", "?")),
+            "experiment": t.get("dvc_exp_name") or "-",
+            "test_accuracy": m["test_accuracy"], "test_auc": m.get("test_auc"),
             "test_f1_macro": m.get("test_f1_macro"),
-            "featurize_images_per_sec": featurize.data.metrics.get("images_per_sec") if featurize else None,
+            "featurize_images_per_sec": m.get("featurize_images_per_sec"),
             "params": m.get("model_params"),
-            "training_time_s": round(_duration(head) + _duration(finetune), 1), "seed": seed,
-            "pipeline_id": ev.data.tags.get("pipeline_id", ""), "run_id": ev.info.run_id,
+            "training_time_s": round(m.get("train_head_seconds", 0.0) + m.get("finetune_seconds", 0.0), 1),
+            "seed": p.get("seed"), "pipeline_id": t.get("pipeline_id", ""), "run_id": run.info.run_id,
         })
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame["config"] = configs
@@ -136,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
 
         from xfer.config import load_params
-        from xfer.tracking import experiment_name, tracking_uri
+        from xfer.store import tracking_uri
+        from xfer.tracking import experiment_name
 
         experiment = args.experiment or experiment_name(load_params([]))
         frame = leaderboard(mlflow.MlflowClient(tracking_uri()), experiment)
@@ -145,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.per_backbone:
             frame = frame.drop_duplicates("backbone", keep="first").reset_index(drop=True)
         if frame.empty:
-            raise XferError(f"no finished evaluate runs in MLflow experiment '{experiment}'; run the pipeline first")
+            raise XferError(f"no finished pipeline with test metrics in MLflow experiment '{experiment}'; "
+                            "run the pipeline first")
     except XferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

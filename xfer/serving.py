@@ -111,21 +111,28 @@ def signature():
                           outputs=Schema([ColSpec("string", "class"), ColSpec("double", "probability")]))
 
 
-def register(cfg, run_id: str, classes_path, model_path, pipeline: str) -> str:
-    """Log the pyfunc (raw images in) and register it; move the `candidate` alias to the new version."""
+def registered_name(cfg) -> str:
+    """``evaluate.registered_model``, or ``<data.name>-classifier`` when that is null."""
+    return cfg.evaluate.registered_model or f"{cfg.data.name}-classifier"
+
+
+def register(cfg, run, classes_path, model_path, metrics: dict) -> str:
+    """Log the pyfunc `classifier` (raw images in) and register it, described with its test metrics, data and
+    parameters; move the `candidate` alias to the new version."""
     import keras
     import mlflow
     import tensorflow as tf
 
-    from xfer.tracking import retry_locked
+    from xfer.store import retry_locked
+    from xfer.summary import model_card
 
-    name = cfg.evaluate.registered_model or f"{cfg.data.name}-classifier"
+    name = registered_name(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Path(tmp) / "settings.json"
         settings.write_text(json.dumps({"tta": list(cfg.evaluate.tta or [])}))
         info = retry_locked(
             mlflow.pyfunc.log_model,
-            name="model", python_model=ImageClassifier(), signature=signature(),
+            name="classifier", python_model=ImageClassifier(), signature=signature(),
             artifacts={"keras_model": str(model_path), "classes": str(classes_path), "settings": str(settings)},
             code_paths=["xfer"],
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}",
@@ -138,7 +145,9 @@ def register(cfg, run_id: str, classes_path, model_path, pipeline: str) -> str:
     for line in chatter.getvalue().splitlines():
         if not line.startswith(("Successfully registered model", "Created version", "Registered model")):
             print(line, file=sys.stderr)
-    for key, value in {"run_id": run_id, "backbone": cfg.backbone.name, "pipeline_id": pipeline}.items():
+    description, tags = model_card(cfg, client.get_run(run.info.run_id), metrics)
+    retry_locked(client.update_model_version, name, version, description=description)
+    for key, value in tags.items():
         retry_locked(client.set_model_version_tag, name, version, key, value)
     retry_locked(client.set_registered_model_alias, name, "candidate", version)
     return f"models:/{name}@candidate (version {version})"

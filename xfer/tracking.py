@@ -1,18 +1,17 @@
-"""MLflow tracking shared by the stages: one run per stage, tagged so the runs of one pipeline line up."""
+"""MLflow tracking shared by the stages: one run per stage, nested in the parent run of its pipeline execution."""
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import os
 import socket
-import sqlite3
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,69 +19,10 @@ from xfer.config import project_root, repo_root
 from xfer.data import RUNS
 from xfer.files import read_json, write_json
 from xfer.signals import interrupted
+from xfer.store import prepare_database, retry_locked, tracking_uri
+from xfer.summary import UPSTREAM, log_datasets, open_parent, refresh, shown
 
-# Which stages' runs each stage links back to (their run ids are read from reports/runs/<stage>.json).
-UPSTREAM = {
-    "download": [],
-    "split": ["download"],
-    "featurize": ["split"],
-    "views": ["featurize"],
-    "trunk": ["featurize"],
-    "train_head": ["featurize", "views"],
-    "finetune": ["train_head", "featurize", "trunk"],
-    "evaluate": ["finetune", "train_head"],
-}
-
-
-SQLITE_BUSY_S = 60.0  # how long our own connection waits for SQLite's lock
-T = TypeVar("T")
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<repo root>/mlruns/mlflow.db`` (absolute)."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    db = repo_root() / "mlruns" / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
-
-
-def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
-    """Call an MLflow function, retrying with backoff while SQLite answers "database is locked" (two writers
-    upgrading their locks at once fail at once, whatever the busy timeout)."""
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # MlflowException or sqlalchemy's OperationalError, depending on the call
-            if "database is locked" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(min(0.25 * 2**attempt, 8.0))
-    raise AssertionError("unreachable")
-
-
-def prepare_database(uri: str) -> None:
-    """Safe concurrent use of a SQLite tracking database: the schema is created (or upgraded) by one process at
-    a time, under a file lock beside the database, and the WAL journal lets readers and one writer work at once
-    (writes that still meet a locked database are retried by :func:`retry_locked`)."""
-    if not uri.startswith("sqlite:///"):
-        return
-    import mlflow
-
-    db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            conn = sqlite3.connect(db, timeout=SQLITE_BUSY_S)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")  # readers (mlflow ui, compare) never block writers
-            finally:
-                conn.close()
-            client = mlflow.MlflowClient(uri, registry_uri=uri)  # creates/verifies the tracking schema
-            client.search_experiments(max_results=1)
-            client.search_registered_models(max_results=1)  # and the model registry's
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+BACKBONE_FREE = ("download", "split")  # stages whose runs are not named or tagged after a backbone
 
 
 def _process_alive(pid: int, started: float) -> bool:
@@ -113,13 +53,8 @@ def close_abandoned_runs(experiment_id: str) -> list[str]:
     return closed
 
 
-def pipeline_id() -> str:
-    """Shared by the stages of one ``dvc repro``/``dvc exp run``: derived from the DVC process running them.
-
-    ``XFER_PIPELINE_ID`` overrides it; a stage run by hand outside DVC gets a fresh id.
-    """
-    if os.environ.get("XFER_PIPELINE_ID"):
-        return os.environ["XFER_PIPELINE_ID"]
+def pipeline_process():
+    """The DVC process running this stage (``dvc repro``, ``dvc exp run``, a queue worker), or None."""
     import psutil
 
     proc = psutil.Process().parent()
@@ -127,12 +62,26 @@ def pipeline_id() -> str:
         try:
             cmd = " ".join(proc.cmdline()[:3])
         except psutil.Error:
-            break
+            return None
         if "dvc" in Path(cmd.split(" ")[0]).name or " -m dvc" in cmd or "/dvc " in f"{cmd} ":
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(proc.create_time()))
-            return f"{stamp}-{proc.pid}"
+            return proc
         proc = proc.parent()
-    return f"manual-{uuid.uuid4().hex[:12]}"
+    return None
+
+
+def pipeline_id() -> str:
+    """Shared by the stages of one ``dvc repro``/``dvc exp run``: 8 hex digits derived from the DVC process
+    running them (host, pid, start time).
+
+    ``XFER_PIPELINE_ID`` overrides it; a stage run by hand outside DVC gets a fresh ``manual-`` id.
+    """
+    if os.environ.get("XFER_PIPELINE_ID"):
+        return os.environ["XFER_PIPELINE_ID"]
+    proc = pipeline_process()
+    if proc is None:
+        return f"manual-{uuid.uuid4().hex[:6]}"
+    key = f"{socket.gethostname()}:{proc.pid}:{proc.create_time()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def experiment_name(cfg: DictConfig) -> str:
@@ -186,9 +135,18 @@ def upstream_runs(stage: str) -> dict[str, str]:
     return links
 
 
+def _owner_tags(proc) -> dict[str, str]:
+    """Who keeps a run RUNNING (see :func:`close_abandoned_runs`)."""
+    return {"xfer.host": socket.gethostname(), "xfer.pid": str(proc.pid),
+            "xfer.pid_started": str(proc.create_time())}
+
+
 @contextmanager
-def stage_run(stage: str, cfg: DictConfig, sections: list[str]) -> Iterator[Any]:
-    """Start the MLflow run of one stage, log its params, and record its run id in reports/runs/<stage>.json."""
+def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[str, Any] | None = None
+              ) -> Iterator[Any]:
+    """Start the MLflow run of one stage, nested in its pipeline's parent run; log its params (``effective``
+    replaces the logged value of a key, e.g. the name a null setting resolved to) and record its run id and wall
+    time in reports/runs/<stage>.json; then refresh the parent's summary."""
     import mlflow
     import psutil
 
@@ -199,36 +157,69 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str]) -> Iterator[Any]
     uri = tracking_uri()
     prepare_database(uri)
     mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
     artifacts = (repo_root() / "mlruns" / "artifacts").as_uri() if own_db else None
-    close_abandoned_runs(set_experiment(experiment_name(cfg), artifacts))
+    experiment_id = set_experiment(experiment_name(cfg), artifacts)
+    close_abandoned_runs(experiment_id)
     pid = pipeline_id()
-    tags = {
-        "stage": stage,
-        "backbone": cfg.backbone.name,
-        "dataset": cfg.data.name,
-        "pipeline_id": pid,
-        "git_commit": git_commit(),
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "xfer.host": socket.gethostname(),
-        "xfer.pid": str(os.getpid()),
-        "xfer.pid_started": str(psutil.Process().create_time()),
-    }
+    common = {"dataset": cfg.data.name, "pipeline_id": pid, "git_commit": git_commit(),
+              "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")}
+    if stage not in BACKBONE_FREE:
+        common["backbone"] = cfg.backbone.name
+    owner = pipeline_process() or psutil.Process()
+    parent = open_parent(client, experiment_id, pid, cfg, {**common, "backbone": cfg.backbone.name,
+                                                            **_owner_tags(owner)})
+    tags = {**common, "role": "stage", "stage": stage, "mlflow.parentRunId": parent, **_owner_tags(psutil.Process())}
     tags.update({f"upstream.{up}": run_id for up, run_id in upstream_runs(stage).items()})
-    with retry_locked(mlflow.start_run, run_name=f"{stage}-{cfg.backbone.name}", tags=tags) as run:
-        params = {}
-        for section in sections:
-            params.update(flatten(OmegaConf.select(cfg, section), section))
-        retry_locked(mlflow.log_params, {k: ("null" if v is None else v) for k, v in params.items()})
-        try:
-            yield run
-        except BaseException as exc:  # Ctrl-C or SIGTERM (see config.run_cli): KILLED, not FAILED
-            if interrupted(exc):
-                retry_locked(mlflow.end_run, "KILLED")
-            raise
-        write_json(RUNS / f"{stage}.json", {
-            "stage": stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-            "pipeline_id": pid, "tracking_uri": mlflow.get_tracking_uri(),
-        })
+    name = stage if stage in BACKBONE_FREE else f"{stage}-{cfg.backbone.name}"
+    started = time.perf_counter()
+    try:
+        with retry_locked(mlflow.start_run, run_name=name, tags=tags) as run:
+            params = {}
+            for section in sections:
+                params.update(flatten(OmegaConf.select(cfg, section), section))
+            params.update(effective or {})
+            retry_locked(mlflow.log_params, {k: shown(v, k) for k, v in params.items()})
+            try:
+                yield run
+            except BaseException as exc:  # Ctrl-C or SIGTERM (see config.run_cli): KILLED, not FAILED
+                if interrupted(exc):
+                    retry_locked(mlflow.end_run, "KILLED")
+                raise
+            write_json(RUNS / f"{stage}.json", {
+                "stage": stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                "pipeline_id": pid, "parent_run_id": parent, "tracking_uri": mlflow.get_tracking_uri(),
+                "seconds": round(time.perf_counter() - started, 2),
+            })
+    except BaseException as exc:
+        retry_locked(client.set_terminated, parent, "KILLED" if interrupted(exc) else "FAILED")
+        raise
+    refresh(client, parent, stage, pid, cfg, "FINISHED")
+
+
+def log_inputs(cfg: DictConfig, *splits: str) -> None:
+    """Log the manifests of these splits as the active run's input datasets (MLflow's Dataset column)."""
+    import mlflow
+
+    log_datasets(mlflow.MlflowClient(), mlflow.active_run().info.run_id, cfg, splits)
+
+
+def fit_metrics(history, epochs: int) -> dict[str, float]:
+    """What a fit reached: the lowest val_loss and the accuracy at that epoch (the weights kept), the best
+    val_accuracy, and where training ended (early stopping before ``epochs``)."""
+    import numpy as np
+
+    h = history.history
+    loss = np.asarray(h.get("val_loss", []), dtype=float)
+    acc = np.asarray(h.get("val_accuracy", []), dtype=float)
+    run = len(h.get("loss", []))
+    out = {"stopped_epoch": run, "early_stopped": int(run < epochs)}
+    if len(loss) and np.isfinite(loss).any():
+        best = int(np.nanargmin(loss))
+        out.update(best_val_loss=float(loss[best]), best_epoch=best + 1)
+        if len(acc):
+            out.update(val_accuracy_at_best_loss=float(acc[best]), best_val_accuracy=float(np.nanmax(acc)))
+    return out
 
 
 def epoch_logger():

@@ -29,7 +29,7 @@ def cache_training_views(model, cfg: DictConfig, out: Path, k: int, dtype: str) 
     from xfer.features import featurize_split
     from xfer.models import augmentation
     from xfer.runtime import set_jit, use_jit
-    from xfer.tracking import retry_locked
+    from xfer.store import retry_locked
 
     set_jit(model, use_jit(cfg.runtime.jit, cfg.runtime.deterministic))
     train = read_manifest("train")

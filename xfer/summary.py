@@ -1,0 +1,240 @@
+"""The parent MLflow run of one pipeline execution: every stage run is nested under it, and it holds what a
+comparison needs — key params, final metrics, each stage's wall time, links to the runs of stages DVC skipped,
+the data splits as MLflow datasets.
+
+The first stage of a ``dvc repro``/``dvc exp run`` creates it; every stage refreshes it when it ends. Only
+*settled* stages are summarized: the stage that just ended and the stages upstream of it (they ran earlier in this
+execution, or DVC skipped them because their outputs were cached). A downstream stage may still rerun, so its
+figures wait for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from xfer.data import FEATURES, METRICS, REPORTS, RUNS, SPLIT_NAMES, SPLITS
+
+STAGES = ("download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate")
+# Which stages' outputs each stage reads (their run ids become the stage run's upstream.* tags).
+UPSTREAM = {
+    "download": [],
+    "split": ["download"],
+    "featurize": ["split"],
+    "views": ["featurize"],
+    "trunk": ["featurize"],
+    "train_head": ["featurize", "views"],
+    "finetune": ["train_head", "featurize", "trunk"],
+    "evaluate": ["finetune", "train_head"],
+}
+KEY_PARAMS = ("backbone.name", "backbone.weights", "backbone.image_size", "backbone.unfreeze_from", "head.name",
+              "head.units", "head.dropout", "head.learning_rate", "head.label_smoothing", "featurize.train_views",
+              "finetune.enabled", "finetune.learning_rate", "finetune.epochs", "finetune.trunk_views",
+              "split.train", "split.val", "split.test", "seed", "data.name", "evaluate.tta", "runtime.precision")
+# Params that do not change what a pipeline computes (left out of config_digest, which groups seeds).
+NOT_IN_DIGEST = ("seed", "mlflow", "evaluate.register", "evaluate.registered_model")
+# What a null setting means, logged instead of "none".
+NULL_MEANS = {"backbone.weights": "random", "backbone.feature_layer": "last layer", "data.sha256": "unchecked",
+              "featurize.pooling": "none (flatten)", "finetune.patience": "none (no early stopping)",
+              "head.patience": "none (no early stopping)"}
+# reports/metrics/<file>.json -> prefix of its numbers in the parent run.
+# Numbers copied from a stage's own run (when it is in this tracking store): how each fit ended, the model size.
+FIT = ("stopped_epoch", "early_stopped", "best_epoch")
+RUN_METRICS = {"train_head": ("head_", FIT), "finetune": ("finetuned_", (*FIT, "mean_epoch_seconds")),
+               "evaluate": ("", ("model_params",))}
+METRIC_FILES = {"download": ("download", "images_"), "featurize": ("featurize", "featurize_"),
+                "train_head": ("head", "head_"), "finetune": ("finetune", "finetuned_"), "evaluate": ("evaluate", "")}
+
+
+def settled(stage: str) -> list[str]:
+    """``stage`` and every stage upstream of it, in pipeline order."""
+    todo, seen = [stage], set()
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo.extend(UPSTREAM[s])
+    return [s for s in STAGES if s in seen]
+
+
+def shown(value: Any, key: str = "") -> Any:
+    """A param as MLflow shows it: lists as JSON, None as what it means (``NULL_MEANS``) or "none"."""
+    if value is None:
+        return NULL_MEANS.get(key, "none")
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """Identifies everything but the seed (and where runs are logged): pipelines with the same digest differ
+    only in their seed."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IN_DIGEST:
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            node = node.get(part, {})
+        node.pop(last, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def key_params(cfg: DictConfig) -> dict[str, Any]:
+    return {k: shown(OmegaConf.select(cfg, k), k) for k in KEY_PARAMS}
+
+
+def split_datasets(cfg: DictConfig, names=SPLIT_NAMES) -> list[tuple[str, Any]]:
+    """(context, MLflow dataset entity) of each split manifest present: its rows (path, label, class, sha256) give
+    the digest; the source is the data URL."""
+    import mlflow.data
+    import pandas as pd
+
+    out = []
+    for name in names:
+        path = SPLITS / f"{name}.csv"
+        if path.is_file():
+            with warnings.catch_warnings():  # schema inference hints about integer columns
+                warnings.simplefilter("ignore")
+                ds = mlflow.data.from_pandas(pd.read_csv(path), source=str(cfg.data.get("url") or path),
+                                             name=f"{cfg.data.name}-{name}", targets="label")
+                out.append((name, ds._to_mlflow_entity()))
+    return out
+
+
+def log_datasets(client, run_id: str, cfg: DictConfig, names=SPLIT_NAMES) -> None:
+    """Log the split manifests as the run's input datasets (once each)."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    from xfer.store import retry_locked
+
+    have = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
+    new = [DatasetInput(entity, [InputTag("mlflow.data.context", context)])
+           for context, entity in split_datasets(cfg, names) if entity.name not in have]
+    if new:
+        retry_locked(client.log_inputs, run_id, datasets=new)
+
+
+def parent_name(cfg: DictConfig, pid: str) -> str:
+    """The DVC experiment's name, else the backbone and the pipeline id."""
+    return os.environ.get("DVC_EXP_NAME") or f"{cfg.backbone.name}-{pid}"
+
+
+def open_parent(client, experiment_id: str, pid: str, cfg: DictConfig, tags: dict[str, str]) -> str:
+    """The parent run of pipeline ``pid`` (created with its key params by the first stage), set RUNNING."""
+    from mlflow.entities import Param
+
+    from xfer.store import retry_locked
+
+    found = client.search_runs([experiment_id], f"tags.role = 'pipeline' and tags.pipeline_id = '{pid}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        retry_locked(client.update_run, run_id, status="RUNNING")
+        return run_id
+    run = retry_locked(client.create_run, experiment_id, run_name=parent_name(cfg, pid),
+                       tags={**tags, "role": "pipeline", "config_digest": config_digest(cfg)})
+    params = [Param(k, str(v)) for k, v in key_params(cfg).items()]
+    retry_locked(client.log_batch, run.info.run_id, params=params)
+    retry_locked(client.log_text, run.info.run_id, OmegaConf.to_yaml(cfg), "params.yaml")
+    return run.info.run_id
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _stage_metrics(client, run_id: str) -> dict[str, float]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).data.metrics
+    except MlflowException:  # produced elsewhere (e.g. outputs pulled from a DVC remote): links only
+        return {}
+
+
+def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, status: str) -> None:
+    """Summarize the settled stages in the parent (links, metrics, seconds, datasets) and end it with ``status``."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from xfer.store import retry_locked
+
+    records = {s: _read(RUNS / f"{s}.json") for s in settled(stage)}
+    records = {s: r for s, r in records.items() if r.get("run_id")}
+    ran = [s for s, r in records.items() if r.get("pipeline_id") == pid]
+    cached = [s for s in records if s not in ran]
+    run = client.get_run(parent_id)
+    values: dict[str, float] = {}
+    for s, r in records.items():
+        if _number(r.get("seconds")):
+            values[f"{s}_seconds"] = float(r["seconds"])
+        file, prefix = METRIC_FILES.get(s, (None, ""))
+        if file:
+            values.update({prefix + k: float(v) for k, v in _read(METRICS / f"{file}.json").items() if _number(v)})
+        if s in RUN_METRICS:
+            prefix, keys = RUN_METRICS[s]
+            values.update({prefix + k: v for k, v in _stage_metrics(client, r["run_id"]).items() if k in keys})
+    now = int(time.time() * 1000)
+    new = [Metric(k, v, now, 0) for k, v in values.items() if run.data.metrics.get(k) != v]
+    # Totals grow stage by stage: one point per stage (its place in the pipeline), the last one is the total.
+    totals = {"pipeline_seconds": sum(float(records[s].get("seconds", 0)) for s in ran),
+              "from_scratch_seconds": sum(float(r.get("seconds", 0)) for r in records.values()),
+              "cached_stage_count": len(cached)}
+    new += [Metric(k, v, now, STAGES.index(stage)) for k, v in totals.items()]
+    params = {"data_sha256": _read(REPORTS / "download.json").get("source", {}).get("sha256"),
+              "weights_sha256": _read(FEATURES / cfg.backbone.name / "meta.json").get("weights_sha256")}
+    if "featurize" in records and params["weights_sha256"] is None:
+        params["weights_sha256"] = "random" if cfg.backbone.weights is None else f"keras {cfg.backbone.weights}"
+    new_params = [Param(k, str(v)) for k, v in params.items() if v is not None and k not in run.data.params]
+    links = "\n".join(f"- {s}: [{r['run_id'][:8]}](#/experiments/{r.get('experiment_id', '')}/runs/{r['run_id']})"
+                      f"{' — cached, from an earlier pipeline' if s in cached else ''}" for s, r in records.items())
+    tags = {f"stage.{s}": r["run_id"] for s, r in records.items()}
+    tags.update(ran_stages=",".join(ran), cached_stages=",".join(cached) or "none",
+                **{"mlflow.note.content": f"Pipeline `{pid}`: stages and their runs\n\n{links}\n"})
+    retry_locked(client.log_batch, parent_id, metrics=new, params=new_params,
+                 tags=[RunTag(k, v) for k, v in tags.items()])
+    if stage != "download":
+        log_datasets(client, parent_id, cfg)
+    retry_locked(client.set_terminated, parent_id, status)
+
+
+def model_card(cfg: DictConfig, run, metrics: dict) -> tuple[str, dict[str, str]]:
+    """Description (Markdown) and tags of a registered model version: test metrics, data, parameters, lineage."""
+    t = run.data.tags
+    data_sha = _read(REPORTS / "download.json").get("source", {}).get("sha256") or "not recorded"
+    params = key_params(cfg)
+    m = {k: float(metrics[k]) for k in ("test_accuracy", "test_auc", "test_ece", "test_loss", "test_f1_macro")
+         if k in metrics}
+    b, s = cfg.backbone, cfg.split
+    tuned = f"fine-tuned from {b.unfreeze_from}" if cfg.finetune.enabled else "not fine-tuned (feature extraction)"
+    description = "\n".join([
+        f"**{b.name}** ({params['backbone.weights']} weights, {b.image_size} px), head `{cfg.head.name}`, {tuned}; "
+        f"test-time augmentation {shown(list(cfg.evaluate.tta or []))}.",
+        "",
+        "| " + " | ".join(k.removeprefix("test_") for k in m) + " |",
+        "|" + "---|" * len(m),
+        "| " + " | ".join(f"{v:.4f}" for v in m.values()) + " |",
+        "",
+        f"Data: `{cfg.data.name}` from {cfg.data.get('url') or cfg.data.kind} (sha256 {data_sha}); per class "
+        f"train/val/test {s.train}/{s.val}/{s.test}, seed {cfg.seed}.",
+        f"Evaluate run `{run.info.run_id}`, pipeline `{t.get('pipeline_id')}` (parent run "
+        f"`{t.get('mlflow.parentRunId')}`), git `{t.get('git_commit')}`"
+        + (f", DVC experiment `{t['dvc_exp_name']}`." if t.get("dvc_exp_name") else "."),
+    ])
+    tags = {**{k: f"{v:.4f}" for k, v in m.items()}, "backbone": b.name, "image_size": str(b.image_size),
+            "weights": str(params["backbone.weights"]), "head": cfg.head.name,
+            "finetuned": str(bool(cfg.finetune.enabled)).lower(), "data": cfg.data.name, "data_sha256": data_sha,
+            "split": f"{s.train}/{s.val}/{s.test}", "seed": str(cfg.seed), "config_digest": config_digest(cfg),
+            "run_id": run.info.run_id, **{k: t.get(k, "") for k in ("pipeline_id", "git_commit", "dvc_exp_name")},
+            "parent_run_id": t.get("mlflow.parentRunId", "")}
+    return description, tags
