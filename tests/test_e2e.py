@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -160,10 +161,10 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
 
 @pytest.fixture(scope="module")
 def queue_repo(tmp_path_factory):
-    """A second fresh repository: two demo experiments (VGG16, MobileNet) queued and run by two parallel workers."""
+    """A second fresh repository: two demo experiments (VGG16, VGG19) queued and run by two parallel workers."""
     root, env, dvc = fresh_repo(tmp_path_factory)
     run([*dvc, "exp", "run", "--queue", "-n", "demo-a", "-S", "experiment=demo"], root, env)
-    run([*dvc, "exp", "run", "--queue", "-n", "demo-b", "-S", "experiment=demo", "-S", "backbone=mobilenet"],
+    run([*dvc, "exp", "run", "--queue", "-n", "demo-b", "-S", "experiment=demo", "-S", "backbone=vgg19"],
         root, env)
     start = time.time()
     run([*dvc, "queue", "start", "-j", "2"], root, env)
@@ -193,7 +194,7 @@ def test_parallel_queued_experiments_lose_nothing(queue_repo):
               for name in ("demo-a", "demo-b")}
     stages = ("featurize", "views", "trunk", "train_head", "finetune", "evaluate")
     assert by_exp == {name: sorted(["download", "split", *(f"{s}-{b}" for s in stages)])
-                      for name, b in (("demo-a", "vgg16"), ("demo-b", "mobilenet"))}
+                      for name, b in (("demo-a", "vgg16"), ("demo-b", "vgg19"))}
     _, _, parents = mlflow_runs(root, "pipeline")
     assert sorted(p.info.run_name for p in parents) == ["demo-a", "demo-b"]
     assert all(p.info.status == "FINISHED" and "test_accuracy" in p.data.metrics for p in parents)
@@ -248,3 +249,80 @@ def mlflow_server(db: Path, env: dict, log: Path) -> Iterator[str]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def check_mlflow_ui(db: Path, env: dict, shots: Path, work: Path) -> None:
+    """The leaderboard view in headless Chromium: both parent rows with their test accuracy, one expanded to its
+    nested stage runs; then a parent's page with its params and metrics. Saves the screenshots."""
+    import mlflow
+    from playwright.sync_api import sync_playwright
+
+    from xfer.summary import view_url
+
+    assert CHROMIUM.exists(), f"{CHROMIUM} not found: install Debian's chromium package (README, Setup)"
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("synthetic")
+    parents = client.search_runs([exp.experiment_id], "tags.role = 'pipeline'")
+    assert len({p.data.params["backbone.name"] for p in parents}) == 2
+    shots.mkdir(parents=True, exist_ok=True)
+    with mlflow_server(db, env, work / "mlflow-server.log") as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1700, "height": 760})
+        page.goto(view_url(exp.experiment_id, url))
+        for parent in parents:
+            page.get_by_text(parent.info.run_name, exact=True).first.wait_for(timeout=60_000)
+        for label in ("Close", "Hide banner", "Toggle sidebar"):  # the assistant panel, the shared-view banner
+            button = page.get_by_role("button", name=label, exact=True)
+            if button.count():
+                button.first.click()
+
+        def row_cells(name: str) -> list[str]:
+            """The cells of a run's row (ag-grid splits a row into pinned and scrolling parts)."""
+            index = page.get_by_role("row").filter(has_text=name).first.get_attribute("row-index")
+            parts = page.locator(f"[role=row][row-index='{index}']")
+            return [cell for i in range(parts.count()) for cell in parts.nth(i).inner_text().split("\n")]
+
+        for parent in parents:  # one row each, with its test accuracy as the table rounds it (to 2-6 decimals)
+            value = parent.data.metrics["test_accuracy"]
+            shown = {f"{value:.{d}f}".rstrip("0").rstrip(".") for d in range(2, 7)}
+            cells = row_cells(parent.info.run_name)
+            assert shown & set(cells), (value, cells)
+        first = parents[0]
+        row = page.get_by_role("row").filter(has_text=first.info.run_name).first
+        row.get_by_role("button").first.click()  # the expander: its stage runs appear nested below it
+        backbone = first.data.params["backbone.name"]
+        for stage in ("featurize", "train_head", "finetune", "evaluate"):
+            page.get_by_text(f"{stage}-{backbone}", exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=str(shots / "mlflow-runs.png"))
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{first.info.run_id}")
+        page.get_by_text("backbone.name", exact=True).first.wait_for(timeout=60_000)
+        text = page.inner_text("body")
+        for name in ("test_accuracy", "head_val_accuracy", "pipeline_seconds", "weights_sha256", "split.train"):
+            assert name in text, name
+        page.screenshot(path=str(shots / "mlflow-parent.png"), full_page=True)
+        browser.close()
+
+
+@pytest.mark.browser
+def test_mlflow_ui_shows_one_row_per_pipeline_in_a_real_browser(queue_repo, tmp_path):
+    """`mlflow server` on 127.0.0.1 over the queued experiments' database, opened in headless Chromium.
+    XFER_SCREENSHOTS=docs keeps the screenshots the README shows."""
+    root, env, *_ = queue_repo
+    check_mlflow_ui(root / "mlruns" / "mlflow.db", env, Path(os.environ.get("XFER_SCREENSHOTS") or tmp_path), tmp_path)
+
+
+def test_the_readme_dvc_exp_show_view_fits_120_columns(queue_repo):
+    """The compact `dvc exp show` command of the README: every column shown in full at 120 columns."""
+    root, env, dvc, *_ = queue_repo
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith("dvc exp show --drop"))
+    args = shlex.split(line.split(" #")[0])[1:]
+    out = run([*dvc, *args, "--no-pager"], root, {**env, "COLUMNS": "120"})
+    lines = [x.rstrip() for x in out.splitlines() if x.strip()]
+    assert "…" not in out and max(len(x) for x in lines) <= 120, out
+    header = lines[1].split()
+    assert header == ["Experiment", "head_test_accuracy", "test_accuracy", "test_auc", "backbone.name", "head.name",
+                      "seed"], out
+    rows = {x.split("[")[1].split("]")[0]: x.split("]")[1].split() for x in lines if "[demo-" in x}
+    assert rows["demo-a"][3] == "vgg16" and rows["demo-b"][3] == "vgg19"
+    metrics = json.loads(exp_file(root, env, "demo-a", "reports/metrics/evaluate.json"))
+    assert float(rows["demo-a"][1]) == pytest.approx(metrics["test_accuracy"], abs=1e-4)

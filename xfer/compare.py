@@ -125,10 +125,13 @@ def main(argv: list[str] | None = None) -> int:
 
         from xfer.config import load_params
         from xfer.store import tracking_uri
+        from xfer.summary import view_url
         from xfer.tracking import experiment_name
 
         experiment = args.experiment or experiment_name(load_params([]))
-        frame = leaderboard(mlflow.MlflowClient(tracking_uri()), experiment)
+        client = mlflow.MlflowClient(tracking_uri())
+        frame = leaderboard(client, experiment)
+        url = view_url(client.get_experiment_by_name(experiment).experiment_id)
         if not args.per_run:
             frame = by_config(frame)
         if args.per_backbone:
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_path(args.out / "leaderboard.csv") as tmp:
         frame.drop(columns=["config"], errors="ignore").to_csv(tmp, index=False, lineterminator="\n")
     bar_chart(frame, args.out / "leaderboard.png")
-    print(markdown + f"\nwrote {args.out}/leaderboard.{{md,csv,png}}")
+    print(markdown + f"\nwrote {args.out}/leaderboard.{{md,csv,png}}\nin the MLflow UI (mlflow ui / server): {url}")
     return 0
 
 

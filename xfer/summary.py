@@ -52,6 +52,24 @@ METRIC_FILES = {"download": ("download", "images_"), "featurize": ("featurize", 
                 "train_head": ("head", "head_"), "finetune": ("finetune", "finetuned_"), "evaluate": ("evaluate", "")}
 
 
+# The runs table as the UI's "Share" button saves a view: parents with the columns a comparison reads (stage runs
+# nested under them). Open it at #/experiments/<id>/runs?viewStateShareKey=leaderboard.
+VIEW = "leaderboard"
+VIEW_COLUMNS = ("attributes.`Dataset`", "attributes.`Duration`", "params.`backbone.name`",
+                "params.`backbone.image_size`", "params.`head.name`", "params.`finetune.enabled`", "params.`seed`",
+                "metrics.`test_accuracy`", "metrics.`head_test_accuracy`", "metrics.`test_auc`", "metrics.`test_ece`")
+
+
+def experiment_tags() -> dict[str, str]:
+    """Tags of a pipeline's MLflow experiment: a model-training experiment, with the leaderboard view."""
+    return {"mlflow.experimentKind": "custom_model_development",
+            f"mlflow.sharedViewState.{VIEW}": json.dumps({"searchFilter": "", "selectedColumns": list(VIEW_COLUMNS)})}
+
+
+def view_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    return f"{server}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW}"
+
+
 def settled(stage: str) -> list[str]:
     """``stage`` and every stage upstream of it, in pipeline order."""
     todo, seen = [stage], set()

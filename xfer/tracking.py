@@ -20,7 +20,7 @@ from xfer.data import RUNS
 from xfer.files import read_json, write_json
 from xfer.signals import interrupted
 from xfer.store import prepare_database, retry_locked, tracking_uri
-from xfer.summary import UPSTREAM, log_datasets, open_parent, refresh, shown
+from xfer.summary import UPSTREAM, experiment_tags, log_datasets, open_parent, refresh, shown
 
 BACKBONE_FREE = ("download", "split")  # stages whose runs are not named or tagged after a backbone
 
@@ -100,7 +100,11 @@ def set_experiment(name: str, artifacts: str | None) -> str:
             mlflow.create_experiment(name, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:
             pass  # created meanwhile by a parallel run
-    return retry_locked(mlflow.set_experiment, name).experiment_id
+    experiment = retry_locked(mlflow.set_experiment, name)
+    missing = {k: v for k, v in experiment_tags().items() if k not in experiment.tags}
+    for key, value in missing.items():
+        retry_locked(mlflow.MlflowClient().set_experiment_tag, experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def git_commit() -> str:
