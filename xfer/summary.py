@@ -43,11 +43,11 @@ NOT_IN_DIGEST = ("seed", "mlflow", "evaluate.register", "evaluate.registered_mod
 NULL_MEANS = {"backbone.weights": "random", "backbone.feature_layer": "last layer", "data.sha256": "unchecked",
               "featurize.pooling": "none (flatten)", "finetune.patience": "none (no early stopping)",
               "head.patience": "none (no early stopping)"}
-# reports/metrics/<file>.json -> prefix of its numbers in the parent run.
 # Numbers copied from a stage's own run (when it is in this tracking store): how each fit ended, the model size.
 FIT = ("stopped_epoch", "early_stopped", "best_epoch")
 RUN_METRICS = {"train_head": ("head_", FIT), "finetune": ("finetuned_", (*FIT, "mean_epoch_seconds")),
                "evaluate": ("", ("model_params",))}
+# reports/metrics/<file>.json -> prefix of its numbers in the parent run.
 METRIC_FILES = {"download": ("download", "images_"), "featurize": ("featurize", "featurize_"),
                 "train_head": ("head", "head_"), "finetune": ("finetune", "finetuned_"), "evaluate": ("evaluate", "")}
 
@@ -172,6 +172,11 @@ def _read(path) -> dict:
         return {}
 
 
+def data_sha256() -> str | None:
+    """The sha256 of the downloaded archive, as the download stage recorded it (None for generated data)."""
+    return _read(REPORTS / "download.json").get("source", {}).get("sha256")
+
+
 def _stage_metrics(client, run_id: str) -> dict[str, float]:
     from mlflow.exceptions import MlflowException
 
@@ -209,7 +214,7 @@ def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, statu
               "from_scratch_seconds": sum(float(r.get("seconds", 0)) for r in records.values()),
               "cached_stage_count": len(cached)}
     new += [Metric(k, v, now, STAGES.index(stage)) for k, v in totals.items()]
-    params = {"data_sha256": _read(REPORTS / "download.json").get("source", {}).get("sha256"),
+    params = {"data_sha256": data_sha256(),
               "weights_sha256": _read(FEATURES / cfg.backbone.name / "meta.json").get("weights_sha256")}
     if "featurize" in records and params["weights_sha256"] is None:
         params["weights_sha256"] = "random" if cfg.backbone.weights is None else f"keras {cfg.backbone.weights}"
@@ -229,7 +234,7 @@ def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, statu
 def model_card(cfg: DictConfig, run, metrics: dict) -> tuple[str, dict[str, str]]:
     """Description (Markdown) and tags of a registered model version: test metrics, data, parameters, lineage."""
     t = run.data.tags
-    data_sha = _read(REPORTS / "download.json").get("source", {}).get("sha256") or "not recorded"
+    data_sha = data_sha256() or "not recorded"
     params = key_params(cfg)
     m = {k: float(metrics[k]) for k in ("test_accuracy", "test_auc", "test_ece", "test_loss", "test_f1_macro")
          if k in metrics}
