@@ -3,7 +3,8 @@ features for comparison; register the model in MLflow.
 
 Outputs reports/metrics/evaluate.json (the numbers to compare: accuracy, loss, ROC AUC, ECE, macro F1, and the
 head alone), reports/evaluate.json (everything: per-class and macro precision/recall/F1, confusion matrix, ...),
-reports/plots/{test_predictions,roc}.csv and reports/misclassified.png (the most confidently wrong test images).
+reports/plots/{test_predictions,roc}.csv, reports/misclassified.png (the most confidently wrong test images) and
+reports/correct.png (the most confidently right ones of each class), each image beside its Grad-CAM heatmap.
 evaluate.tta: [flip] averages the probabilities of each image and its mirror (test-time augmentation). The final
 model is logged as an MLflow pyfunc taking raw images (with the same TTA), registered as `<data.name>-classifier`
 (or evaluate.registered_model) with the alias `candidate` moved to the new version.
@@ -31,13 +32,13 @@ from xfer.data import (
     load_features,
     read_manifest,
 )
-from xfer.figures import confusion_figure, log_figure, misclassified_grid, roc_figure
+from xfer.figures import confusion_figure, log_figure, roc_figure
 from xfer.files import atomic_path, read_json, write_json
 from xfer.metrics import as_matrix, classification_metrics, roc_points
 from xfer.store import retry_locked
 from xfer.tracking import log_inputs, stage_run
 
-MISCLASSIFIED = REPORTS / "misclassified.png"
+MISCLASSIFIED, CORRECT = REPORTS / "misclassified.png", REPORTS / "correct.png"
 REPORT = REPORTS / "evaluate.json"
 # What `dvc metrics show` / `dvc exp show` list; the rest of the report stays in reports/evaluate.json and MLflow.
 COMPARED = ("test_accuracy", "test_loss", "test_auc", "test_ece", "test_f1_macro", "head_test_accuracy",
@@ -48,6 +49,7 @@ def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
+    from xfer.gradcam import explain_images
     from xfer.images import image_dataset
     from xfer.serving import Predictor, check_tta, register, registered_name
 
@@ -82,7 +84,7 @@ def main(cfg: DictConfig) -> None:
         final = classification_metrics(y, probs, classes)
         head_only = classification_metrics(y, head_probs, classes)
         metrics = {f"test_{k}": v for k, v in final.items()}
-        metrics.update({f"head_test_{k}": head_only[k] for k in ("accuracy", "loss", "auc", "ece")})
+        metrics.update({f"head_test_{k}": head_only[k] for k in ("accuracy", "loss", "auc", "ece", "f1_macro")})
         metrics.update(test_images=len(test), model_params=int(predictor.model.count_params()), tta=tta,
                        test_image_passes=passes,
                        test_accuracy_without_tta=classification_metrics(y, plain, classes)["accuracy"])
@@ -98,11 +100,11 @@ def main(cfg: DictConfig) -> None:
         fpr, tpr = roc_points(y, probs)
         with atomic_path(PLOTS / "roc.csv") as tmp:
             pd.DataFrame({"fpr": fpr.round(6), "tpr": tpr.round(6)}).to_csv(tmp, index=False, lineterminator="\n")
-        with atomic_path(MISCLASSIFIED) as tmp:
-            misclassified_grid(image_paths(test), y, probs, classes, int(cfg.evaluate.misclassified), tmp)
+        explain_images(predictor.model, image_paths(test), y, probs, classes, int(cfg.evaluate.misclassified),
+                       int(cfg.evaluate.correct_per_class), MISCLASSIFIED, CORRECT)
         retry_locked(mlflow.log_metrics, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         retry_locked(mlflow.log_dict, metrics, "evaluate.json")
-        for artifact in (MISCLASSIFIED, PLOTS / "roc.csv", PLOTS / "test_predictions.csv"):
+        for artifact in (MISCLASSIFIED, CORRECT, PLOTS / "roc.csv", PLOTS / "test_predictions.csv"):
             retry_locked(mlflow.log_artifact, str(artifact))
         log_figure(roc_figure(fpr, tpr, final["auc"]), "roc.png", parent=True)
         log_figure(confusion_figure(final["confusion_matrix"], classes), "confusion_matrix.png", parent=True)

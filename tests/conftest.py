@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,9 +76,10 @@ TINY = [
 
 
 @contextmanager
-def tiny_project(folder: Path, stages: list[str], pipeline_id: str) -> Iterator[tuple[Path, object]]:
+def tiny_project(folder: Path, stages: list[str], pipeline_id: str, extra: Sequence[str] = ()
+                 ) -> Iterator[tuple[Path, object]]:
     """A copy of the project (working directory, own MLflow database) with ``stages`` run in-process on the
-    TINY params; yields the root and the params."""
+    TINY params (and ``extra`` overrides); yields the root and the params."""
     from xfer.config import load_params
 
     with pytest.MonkeyPatch.context() as mp:
@@ -87,7 +88,7 @@ def tiny_project(folder: Path, stages: list[str], pipeline_id: str) -> Iterator[
         mp.delenv("DVC_ROOT", raising=False)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         mp.setenv("XFER_PIPELINE_ID", pipeline_id)
-        cfg = load_params(TINY)
+        cfg = load_params([*TINY, *extra])
         for stage in stages:
             importlib.import_module(f"stages.{stage}").main(cfg)
         yield root, cfg

@@ -80,13 +80,13 @@ def test_leaderboard_from_a_temporary_mlflow_database(tmp_path, monkeypatch):
     import pandas as pd
 
     board = pd.read_csv(tmp_path / "cmp/leaderboard.csv")
-    assert list(board["backbone"]) == ["mobilenetv2", "vgg16"]
+    assert list(board["model"]) == ["mobilenetv2/finetuned", "vgg16/finetuned"]
     assert list(board["run_id"]) == [fast, slow]
     assert list(board["featurize_images_per_sec"]) == [120.0, 40.0]
     assert list(board["experiment"]) == ["exp-b", "exp-a"]
     assert list(board["training_time_s"]) == [10.5, 10.5]  # train_head + finetune seconds
     md = (tmp_path / "cmp/leaderboard.md").read_text()
-    assert md.splitlines()[2].startswith("| mobilenetv2 | exp-b | 0.9500 | 0.9600")
+    assert md.splitlines()[2].startswith("| mobilenetv2/finetuned | exp-b | 0.9500 | 0.9600")
     assert (tmp_path / "cmp/leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["--experiment", "nope", "--out", str(tmp_path / "cmp")]) == 2
 
@@ -111,6 +111,47 @@ def test_leaderboard_groups_seeds_with_mean_and_spread(tmp_path, monkeypatch):
     assert board["test_accuracy"].tolist() == pytest.approx([0.95, 0.92])
     assert board["test_accuracy_std"].tolist() == pytest.approx([0.0, 0.02])
     md = (tmp_path / "cmp/leaderboard.md").read_text()
-    assert "| vgg16 | s1, s2, s3 | 3 | 0.9200 ± 0.0200 |" in md
+    assert "| vgg16/finetuned | s1, s2, s3 | 3 | 0.9200 ± 0.0200 |" in md
     assert main(["--experiment", "pets", "--per-run", "--out", str(tmp_path / "runs")]) == 0
     assert len(pd.read_csv(tmp_path / "runs/leaderboard.csv")) == 4
+
+
+def test_leaderboard_rows_are_models_head_finetuned_and_scratch_baselines(tmp_path, monkeypatch):
+    """A pipeline gives <backbone>/head, <backbone>/finetuned and scratch/<name> rows; a stage two pipelines share
+    (cached) gives one row; scratch seeds group by the baseline's own settings."""
+    import mlflow
+    import pandas as pd
+
+    from xfer.compare import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("pets", artifact_location=(tmp_path / "art").as_uri())
+    for seed, exp_name, lr in [(1, "a", "1e-5"), (1, "b", "3e-5"), (2, "c", "1e-5")]:
+        pid = fake_pipeline(client, exp_id, "vgg16", 0.96 + seed / 100, 40.0, exp_name, seed=seed)
+        for k, v in {"head_test_accuracy": 0.9 + seed / 100, "scratch_test_accuracy": 0.7 + seed / 100,
+                     "scratch_model_params": 991041, "scratch_seconds": 60.0}.items():
+            client.log_metric(pid, k, v)
+        client.log_param(pid, "scratch.name", "convnet")
+        client.log_param(pid, "evaluate.tta", '["flip"]')
+        for k, v in {"stage.train_head": f"head-{seed}", "stage.scratch": f"scratch-{seed}",
+                     "stage.evaluate": f"evaluate-{exp_name}", "scratch_config_digest": "convnet-settings",
+                     "config_digest": f"vgg16-{lr}"}.items():
+            client.set_tag(pid, k, v)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(["--experiment", "pets", "--per-run", "--out", str(tmp_path / "runs")]) == 0
+    runs = pd.read_csv(tmp_path / "runs/leaderboard.csv")
+    assert runs["model"].value_counts().to_dict() == {"vgg16/finetuned": 3, "vgg16/head": 2, "scratch/convnet": 2}
+    head = runs[runs["model"] == "vgg16/head"]
+    assert set(head["tta"]) == {"none"} and set(runs[runs["model"] == "vgg16/finetuned"]["tta"]) == {"flip"}
+    scratch = runs[runs["model"] == "scratch/convnet"]
+    assert sorted(scratch["test_accuracy"]) == pytest.approx([0.71, 0.72]) and set(scratch["params"]) == {991041}
+    assert set(scratch["training_time_s"]) == {60.0} and scratch["featurize_images_per_sec"].isna().all()
+    assert main(["--experiment", "pets", "--out", str(tmp_path / "cmp")]) == 0
+    board = pd.read_csv(tmp_path / "cmp/leaderboard.csv")
+    row = board[board["model"] == "scratch/convnet"].iloc[0]
+    assert row["seeds"] == 2 and row["test_accuracy"] == pytest.approx(0.715)
+    assert "| scratch/convnet | a, b, c | 2 | 0.7150 ± 0.0071 |" in (tmp_path / "cmp/leaderboard.md").read_text()
+    assert main(["--experiment", "pets", "--per-model", "--out", str(tmp_path / "best")]) == 0
+    assert sorted(pd.read_csv(tmp_path / "best/leaderboard.csv")["model"]) == ["scratch/convnet", "vgg16/finetuned",
+                                                                             "vgg16/head"]

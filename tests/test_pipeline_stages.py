@@ -1,4 +1,5 @@
-"""featurize, train_head, finetune, evaluate on a tiny generated data set (random VGG16 at 32 px)."""
+"""featurize, train_head, finetune, evaluate (and a from-scratch mini-Xception) on a tiny generated data set
+(random VGG16 at 32 px)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from xfer import XferError
 from xfer.config import load_params
 from xfer.files import read_json
 
-STAGES = ["download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate"]
+STAGES = ["download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate", "scratch"]
+TRANSFER = STAGES[:-1]
+# A from-scratch baseline small enough for seconds: two residual blocks at 32 px.
+SCRATCH = ["scratch=xception_mini", "scratch.image_size=32", "scratch.filters=[8,16]", "scratch.epochs=2",
+           "scratch.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    with tiny_project(tmp_path_factory.mktemp("tiny") / "proj", STAGES, "pipeline-under-test") as (root, cfg):
+    with tiny_project(tmp_path_factory.mktemp("tiny") / "proj", STAGES, "pipeline-under-test", SCRATCH) as (root,
+                                                                                                          cfg):
         yield root, cfg
 
 
@@ -86,7 +92,8 @@ def test_evaluate_scores_the_image_model_and_the_head(tiny_run):
     assert len(preds) == 12 and set(preds["actual"]) == {"blobs", "stripes"}
     roc = pd.read_csv(root / "reports/plots/roc.csv")
     assert roc["fpr"].iloc[0] == 0 and roc["tpr"].iloc[-1] == 1
-    assert (root / "reports/misclassified.png").read_bytes()[:4] == b"\x89PNG"
+    for grid in ("misclassified", "correct"):  # test images beside their Grad-CAM heatmaps
+        assert (root / f"reports/{grid}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_registered_model_takes_raw_images(tiny_run):
@@ -134,6 +141,15 @@ def test_predict_cli_skips_bad_files(tiny_run, tmp_path, capsys, monkeypatch):
     assert "skipped" in captured.err and "broken.jpg" in captured.err
     assert "predict: 4 images" in captured.out and "1 skipped" in captured.out
     assert main([str(tmp_path / "missing")]) == 2
+    # --explain: each image with its Grad-CAM heatmap beside the CSV, named in the column `explanation`.
+    from PIL import Image
+
+    assert main([str(folder), "--out", str(tmp_path / "why.csv"), "--explain"]) == 0
+    why = pd.read_csv(tmp_path / "why.csv")
+    assert list(why["class"]) == list(out["class"]) and len(why) == 4
+    for path in why["explanation"]:
+        assert path.startswith(str(tmp_path / "why_explained")) and Image.open(path).size == (32, 32)
+    assert "heatmaps in" in capsys.readouterr().out
 
 
 def test_model_server_answers_a_posted_image(tiny_run, tmp_path):
@@ -191,8 +207,9 @@ def test_stage_runs_nest_under_one_parent_that_summarizes_the_pipeline(tiny_run)
     exp = client.get_experiment_by_name("synthetic")
     (parent,) = client.search_runs([exp.experiment_id], "tags.role = 'pipeline'")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], "tags.role = 'stage'")}
-    assert set(runs) == {"download", "split"} | {f"{s}-vgg16" for s in STAGES[2:]}  # named after what they use
+    assert set(runs) == {"download", "split", "scratch-xception_mini"} | {f"{s}-vgg16" for s in TRANSFER[2:]}
     assert "backbone" not in runs["split"].data.tags and runs["views-vgg16"].data.tags["backbone"] == "vgg16"
+    assert "backbone" not in runs["scratch-xception_mini"].data.tags  # named after what they use
     links = {s: read_json(root / f"reports/runs/{s}.json")["run_id"] for s in STAGES}
     for run in runs.values():
         assert run.data.tags["pipeline_id"] == "pipeline-under-test" and "git_commit" in run.data.tags
@@ -234,6 +251,44 @@ def test_stage_runs_nest_under_one_parent_that_summarizes_the_pipeline(tiny_run)
     assert [m.step for m in timed] == [0] and timed[0].value > 0
     assert runs["finetune-vgg16"].data.metrics["mean_epoch_seconds"] > 0
     assert runs["evaluate-vgg16"].data.params["evaluate.registered_model"] == "synthetic-classifier"
+
+
+def test_scratch_baseline_is_trained_scored_and_tracked_like_the_transfer_model(tiny_run):
+    """The mini-Xception trained from scratch on the same split: model, metrics, curves, Grad-CAM grids, its MLflow
+    run, the parent's summary and a leaderboard row beside vgg16/head and vgg16/finetuned."""
+    import keras
+    import mlflow
+
+    from xfer.compare import leaderboard
+
+    root, _ = tiny_run
+    model = keras.saving.load_model(str(root / "models/scratch/xception_mini.keras"))
+    assert model.input_shape == (None, 32, 32, 3) and sorted(p.name for p in (root / "models/scratch").iterdir()) \
+        == ["xception_mini.keras"]
+    metrics = read_json(root / "reports/metrics/scratch.json")
+    assert set(metrics) == {f"scratch_test_{k}" for k in ("accuracy", "loss", "auc", "ece", "f1_macro")}
+    report = read_json(root / "reports/scratch.json")
+    assert report["test_images"] == 12 and report["stopped_epoch"] == 2 and report["tta"] == ["flip"]
+    assert list(pd.read_csv(root / "reports/plots/scratch.csv")["epoch"]) == [0, 1]
+    for grid in ("misclassified", "correct"):
+        assert (root / f"reports/scratch/{grid}.png").read_bytes()[:4] == b"\x89PNG"
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run_id = read_json(root / "reports/runs/scratch.json")["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.params["scratch.model"] == "xception_mini" and run.data.params["evaluate.tta"] == '["flip"]'
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [0, 1]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["scratch_test_accuracy"], abs=1e-6)
+    assert {"curves.png", "roc.png", "confusion_matrix.png", "misclassified.png", "correct.png",
+            "keras_model"} <= {a.path for a in client.list_artifacts(run_id)}
+    exp = client.get_experiment_by_name("synthetic")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.role = 'pipeline' and tags.pipeline_id = "
+                                                         "'pipeline-under-test'")
+    assert parent.data.metrics["scratch_test_accuracy"] == pytest.approx(metrics["scratch_test_accuracy"])
+    assert parent.data.params["scratch.name"] == "xception_mini" and parent.data.tags["stage.scratch"] == run_id
+    board = leaderboard(client, "synthetic")
+    assert {"vgg16/head", "vgg16/finetuned", "scratch/xception_mini"} <= set(board["model"])
+    row = board[board["model"] == "scratch/xception_mini"].iloc[0]
+    assert row["test_accuracy"] == pytest.approx(metrics["scratch_test_accuracy"]) and row["params"] > 0
 
 
 def test_transplant_check_catches_wrong_preprocessing(tiny_run):
@@ -292,15 +347,19 @@ def test_a_pipeline_whose_stages_were_cached_still_has_their_summary(tiny_run, m
     root, _ = tiny_run
     first = {s: read_json(root / f"reports/runs/{s}.json")["run_id"] for s in STAGES}
     monkeypatch.setenv("XFER_PIPELINE_ID", "second")
-    evaluate.main(load_params([*TINY, "evaluate.register=false"]))
+    evaluate.main(load_params([*TINY, *SCRATCH, "evaluate.register=false"]))
     client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name("synthetic")
     (parent,) = client.search_runs([exp.experiment_id], "tags.role = 'pipeline' and tags.pipeline_id = 'second'")
     t, m = parent.data.tags, parent.data.metrics
-    assert t["ran_stages"] == "evaluate" and t["cached_stages"].split(",") == STAGES[:-1]
-    assert all(t[f"stage.{s}"] == first[s] for s in STAGES[:-1]) and t["stage.evaluate"] != first["evaluate"]
-    assert m["cached_stage_count"] == 7 and m["pipeline_seconds"] == pytest.approx(m["evaluate_seconds"])
-    assert {"head_val_accuracy", "featurize_images_per_sec", "train_head_seconds", "test_accuracy"} <= set(m)
+    cached = [s for s in STAGES if s != "evaluate"]  # the scratch baseline too: its outputs match the params
+    assert t["ran_stages"] == "evaluate" and t["cached_stages"].split(",") == cached
+    assert all(t[f"stage.{s}"] == first[s] for s in cached) and t["stage.evaluate"] != first["evaluate"]
+    assert m["cached_stage_count"] == 8 and m["pipeline_seconds"] == pytest.approx(m["evaluate_seconds"])
+    assert {"head_val_accuracy", "featurize_images_per_sec", "train_head_seconds", "test_accuracy",
+            "scratch_test_accuracy", "scratch_seconds"} <= set(m)
     assert "cached, from an earlier pipeline" in t["mlflow.note.content"]
-    board = leaderboard(client, "synthetic")
-    assert "second" in set(board["pipeline_id"]) and len(board) == 2
+    board = leaderboard(client, "synthetic")  # a model two pipelines share through a cached stage is listed once
+    assert board["model"].value_counts().to_dict() == {"vgg16/finetuned": 2, "vgg16/head": 1,
+                                                       "scratch/xception_mini": 1}
+    assert "second" in set(board["pipeline_id"])

@@ -1,15 +1,18 @@
 """Leaderboard of the pipeline runs in MLflow: which backbone and settings give the best model?
 
-usage: python -m xfer.compare [--experiment petimages] [--per-run] [--per-backbone] [--out reports/compare]
+usage: python -m xfer.compare [--experiment petimages] [--per-run] [--per-model] [--out reports/compare]
 Writes leaderboard.md, leaderboard.csv and leaderboard.png (test accuracy, with the spread over seeds) and prints
-the Markdown. Pipelines that share every parameter except `seed` form one row: mean ± std over their seeds and
-the number of seeds (run them with `dvc exp run --queue -S seed=1,2,3`). --per-run lists each pipeline. Each
-pipeline's parent MLflow run supplies its row (it also summarizes the stages DVC skipped as cached).
+the Markdown. Rows are models: `<backbone>/head` (feature extraction), `<backbone>/finetuned` and
+`scratch/<name>` (a baseline trained from scratch, `-S scratch=convnet`). Pipelines that share every parameter
+except `seed` form one row per model: mean ± std over their seeds and the number of seeds (run them with
+`dvc exp run --queue -S seed=1,2,3`). --per-run lists each pipeline's models. Each pipeline's parent MLflow run
+supplies its rows (it also summarizes the stages DVC skipped as cached).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,51 +21,77 @@ import pandas as pd
 from xfer import XferError
 from xfer.files import atomic_path, atomic_write_text
 
-COLUMNS = ["backbone", "experiment", "test_accuracy", "test_auc", "test_f1_macro", "featurize_images_per_sec",
+COLUMNS = ["model", "experiment", "test_accuracy", "test_auc", "test_f1_macro", "tta", "featurize_images_per_sec",
            "params", "training_time_s", "seed", "pipeline_id", "run_id"]
-GROUPED = ["backbone", "experiment", "seeds", "test_accuracy", "test_accuracy_std", "test_auc", "test_f1_macro",
+GROUPED = ["model", "experiment", "seeds", "test_accuracy", "test_accuracy_std", "test_auc", "test_f1_macro", "tta",
            "featurize_images_per_sec", "params", "training_time_s"]
 MEANS = ["test_accuracy", "test_auc", "test_f1_macro", "featurize_images_per_sec", "params", "training_time_s"]
 
 
+def model_rows(run) -> list[dict]:
+    """The models one pipeline's parent run scored on the test images: ``<backbone>/head`` (the head on the
+    cached features; when fine-tuning is off it is the final model), ``<backbone>/finetuned`` and
+    ``scratch/<name>`` (the from-scratch baseline, when there is one). ``source`` is the stage run that produced
+    the numbers (pipelines sharing a cached stage share it), ``config`` what groups seeds."""
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    backbone, tta = p.get("backbone.name", t.get("backbone", "?")), _tta(p.get("evaluate.tta"))
+    common = {"experiment": t.get("dvc_exp_name") or "-", "seed": p.get("seed"),
+              "pipeline_id": t.get("pipeline_id", ""), "run_id": run.info.run_id}
+    head_seconds = m.get("train_head_seconds", 0.0)
+    tuned = str(p.get("finetune.enabled", "true")).lower() == "true"
+    specs = [(f"{backbone}/head", "head_test_" if tuned else "test_", "none" if tuned else tta, head_seconds,
+              t.get("stage.train_head" if tuned else "stage.evaluate"), t.get("config_digest")),
+             (f"{backbone}/finetuned", "test_", tta, head_seconds + m.get("finetune_seconds", 0.0),
+              t.get("stage.evaluate"), t.get("config_digest")) if tuned else None,
+             (f"scratch/{p.get('scratch.name')}", "scratch_test_", tta, m.get("scratch_seconds", 0.0),
+              t.get("stage.scratch"), t.get("scratch_config_digest"))]
+    rows = []
+    for model, prefix, row_tta, seconds, source, config in filter(None, specs):
+        if f"{prefix}accuracy" not in m:
+            continue
+        scratch = model.startswith("scratch/")
+        rows.append({"model": model, **common, "test_accuracy": m[f"{prefix}accuracy"],
+                     "test_auc": m.get(f"{prefix}auc"), "test_f1_macro": m.get(f"{prefix}f1_macro"), "tta": row_tta,
+                     "featurize_images_per_sec": None if scratch else m.get("featurize_images_per_sec"),
+                     "params": m.get("scratch_model_params" if scratch else "model_params"),
+                     "training_time_s": round(seconds, 1), "source": source or run.info.run_id,
+                     "config": config or run.info.run_id})
+    return rows
+
+
+def _tta(param: str | None) -> str:
+    try:
+        views = json.loads(param) if param else []
+    except ValueError:
+        views = [param]
+    return "+".join(views) or "none"
+
+
 def leaderboard(client, experiment: str) -> pd.DataFrame:
-    """One row per finished pipeline of ``experiment`` that reached evaluate, from its parent run (which also
-    summarizes the stages DVC skipped): backbone, metrics, speed, size, training time, seed and ``config``
-    (the digest of every parameter but the seed)."""
+    """One row per model each finished pipeline of ``experiment`` scored (:func:`model_rows`), from the parent
+    runs (which also summarize the stages DVC skipped); a model several pipelines share through a cached stage is
+    listed once. Best test accuracy first; ``config`` groups seeds."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise XferError(f"no MLflow experiment '{experiment}'; experiments here: {names}")
     runs = client.search_runs([exp.experiment_id], "tags.role = 'pipeline' and attributes.status = 'FINISHED'",
                               max_results=5000)
-    rows, configs = [], []
-    for run in runs:
-        m, p, t = run.data.metrics, run.data.params, run.data.tags
-        if "test_accuracy" not in m:
-            continue
-        configs.append(t.get("config_digest", run.info.run_id))
-        rows.append({
-            "backbone": p.get("backbone.name", t.get("backbone", "?")),
-            "experiment": t.get("dvc_exp_name") or "-",
-            "test_accuracy": m["test_accuracy"], "test_auc": m.get("test_auc"),
-            "test_f1_macro": m.get("test_f1_macro"),
-            "featurize_images_per_sec": m.get("featurize_images_per_sec"),
-            "params": m.get("model_params"),
-            "training_time_s": round(m.get("train_head_seconds", 0.0) + m.get("finetune_seconds", 0.0), 1),
-            "seed": p.get("seed"), "pipeline_id": t.get("pipeline_id", ""), "run_id": run.info.run_id,
-        })
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame["config"] = configs
+    frame = pd.DataFrame([row for run in runs for row in model_rows(run)], columns=[*COLUMNS, "source", "config"])
+    shared = frame.groupby(["model", "source"])["experiment"]  # pipelines sharing a stage: one row, named by all
+    frame["experiment"] = shared.transform(lambda e: ", ".join(sorted({x for x in e if x != "-"})) or "-")
+    frame = frame.drop_duplicates(["model", "source"]).drop(columns="source")
     return frame.sort_values("test_accuracy", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def by_config(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per set of parameters (all but the seed): means over its seeds, the accuracy's standard
+    """One row per model and set of parameters (all but the seed): means over its seeds, the accuracy's standard
     deviation (0 for a single seed) and the number of seeds; best mean accuracy first."""
     rows = []
-    for _, group in frame.groupby("config", sort=False):
-        row = {"backbone": group["backbone"].iloc[0],
-               "experiment": ", ".join(sorted({e for e in group["experiment"] if e != "-"})) or "-",
+    for _, group in frame.groupby(["model", "config"], sort=False):
+        row = {"model": group["model"].iloc[0], "tta": group["tta"].iloc[0],
+               "experiment": ", ".join(sorted({x for e in group["experiment"] for x in e.split(", ") if x != "-"}))
+               or "-",
                "seeds": group["seed"].nunique(dropna=False),
                "test_accuracy_std": float(group["test_accuracy"].std(ddof=1)) if len(group) > 1 else 0.0}
         row.update({c: float(pd.to_numeric(group[c]).mean()) for c in MEANS})
@@ -74,6 +103,8 @@ def by_config(frame: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(frame: pd.DataFrame) -> str:
     """The table (``test_accuracy`` shown as mean ± std when grouped)."""
     def cell(v) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return "-"
         if isinstance(v, float) and v.is_integer() and abs(v) >= 10:
             return f"{int(v):,}"
         if isinstance(v, float):
@@ -99,14 +130,14 @@ def bar_chart(frame: pd.DataFrame, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{b}\n{e}" if e != "-" else b for b, e in zip(frame["backbone"], frame["experiment"], strict=True)]
+    labels = [f"{b}\n{e}" if e != "-" else b for b, e in zip(frame["model"], frame["experiment"], strict=True)]
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(frame)), 3.5))
     spread = frame["test_accuracy_std"].astype(float) if "test_accuracy_std" in frame else None
     bars = ax.bar(labels, frame["test_accuracy"].astype(float), yerr=spread, capsize=4, color="tab:blue")
     ax.bar_label(bars, fmt="%.3f", fontsize=8, padding=2)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Backbone leaderboard")
+    ax.set_title("Leaderboard")
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -116,7 +147,8 @@ def bar_chart(frame: pd.DataFrame, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m xfer.compare", description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default=None, help="MLflow experiment (default: data.name from params.yaml)")
-    ap.add_argument("--per-backbone", action="store_true", help="keep only the best row of each backbone")
+    ap.add_argument("--per-model", action="store_true",
+                    help="keep only the best row of each model (vgg16/head, vgg16/finetuned, scratch/convnet, ...)")
     ap.add_argument("--per-run", action="store_true", help="one row per pipeline run instead of per parameter set")
     ap.add_argument("--out", default="reports/compare", type=Path)
     args = ap.parse_args(argv)
@@ -134,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         url = view_url(client.get_experiment_by_name(experiment).experiment_id)
         if not args.per_run:
             frame = by_config(frame)
-        if args.per_backbone:
-            frame = frame.drop_duplicates("backbone", keep="first").reset_index(drop=True)
+        if args.per_model:
+            frame = frame.drop_duplicates("model", keep="first").reset_index(drop=True)
         if frame.empty:
             raise XferError(f"no finished pipeline with test metrics in MLflow experiment '{experiment}'; "
                             "run the pipeline first")

@@ -15,7 +15,7 @@ from xfer import XferError, signals
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
 # Groups whose files hold one section of params.yaml (``backbone=xception`` swaps ``backbone:``).
-SECTION_GROUPS = ("data", "backbone", "head", "finetune")
+SECTION_GROUPS = ("data", "backbone", "head", "finetune", "scratch")
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -111,7 +111,7 @@ def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Dict
         key, sep, value = ov.partition("=")
         if sep and key in SECTION_GROUPS:
             _check_choice(key, value, root)
-            base[key] = OmegaConf.load(root / CONF_DIR / key / f"{value}.yaml")
+            base[key] = compose_conf([f"{key}={value}"], root)[key]  # with the option's own defaults list
         else:
             rest.append(ov)
     for ov in rest:

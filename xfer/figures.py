@@ -1,5 +1,5 @@
-"""Figures the stages log to MLflow and save for DVC: training curves, ROC curve, confusion matrix, and the grid of
-misclassified images."""
+"""Figures the stages log to MLflow and save for DVC: training curves, ROC curve, confusion matrix, and grids of
+test images beside their Grad-CAM heatmaps."""
 
 from __future__ import annotations
 
@@ -67,29 +67,26 @@ def confusion_figure(matrix: list[list[int]], classes: list[str]):
     return fig
 
 
-def misclassified_grid(paths: list[str], y: np.ndarray, probs: np.ndarray, classes: list[str], n: int,
-                       out) -> int:
-    """Save a grid of the ``n`` most confidently wrong images (true / predicted class and probability)."""
-    from PIL import Image
-
+def explained_grid(images: np.ndarray, overlays: list[np.ndarray], titles: list[str], out, empty: str) -> None:
+    """Save a PNG grid, two examples per row: each image (0-255) beside its heatmap overlay, titled; ``empty`` is
+    written instead when there is no image."""
     plt = _pyplot()
-    pred, conf = probs.argmax(axis=1), probs.max(axis=1)
-    wrong = [i for i in np.argsort(-conf) if pred[i] != y[i]][:n]
-    cols = 4
-    rows = max(1, -(-len(wrong) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    per_row = 2
+    rows = max(1, -(-len(images) // per_row))
+    fig, axes = plt.subplots(rows, 2 * per_row, figsize=(2.6 * 2 * per_row, 2.9 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, i in zip(axes.ravel(), wrong, strict=False):
-        with Image.open(paths[i]) as img:
-            ax.imshow(img.convert("RGB"))
-        ax.set_title(f"true {classes[y[i]]}\npred {classes[pred[i]]} ({conf[i]:.2f})", fontsize=9)
-    if not wrong:
-        axes[0, 0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    for k, (image, blended, title) in enumerate(zip(images, overlays, titles, strict=True)):
+        left, right = axes[k // per_row, 2 * (k % per_row)], axes[k // per_row, 2 * (k % per_row) + 1]
+        left.imshow(np.asarray(image).astype(np.uint8))
+        left.set_title(title, fontsize=8)
+        right.imshow(blended)
+        right.set_title("Grad-CAM", fontsize=8)
+    if not len(images):
+        axes[0, 0].text(0.5, 0.5, empty, ha="center", va="center")
     fig.tight_layout()
     fig.savefig(out, dpi=80, format="png")
     plt.close(fig)
-    return len(wrong)
 
 
 def log_figure(fig, name: str, parent: bool = False) -> None:

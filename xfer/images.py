@@ -88,16 +88,27 @@ def decode_and_resize(path, size: int):
     return tf.image.resize(img, (size, size))
 
 
+def load_resized(path: str, size: int) -> np.ndarray:
+    """One image file as the pipelines feed it to a model: float32 (size, size, 3) in [0, 255]."""
+    return decode_and_resize(str(path), size).numpy()
+
+
 def image_dataset(paths: list[str], labels: np.ndarray, size: int, batch_size: int,
-                  shuffle_seed: int | None = None):
-    """Batched, prefetched ``(image, label)`` dataset; order preserved unless ``shuffle_seed`` is given."""
+                  shuffle_seed: int | None = None, cache: bool = False):
+    """Batched, prefetched ``(image, label)`` dataset; order preserved unless ``shuffle_seed`` is given.
+    ``cache``: keep the decoded images in memory (as uint8, size*size*3 bytes each) for the epochs after the first."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    if shuffle_seed is not None:
+    if shuffle_seed is not None and not cache:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.map(lambda p, y: (decode_and_resize(p, size), y), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
+    if cache:
+        ds = ds.map(lambda x, y: (tf.cast(tf.round(x), tf.uint8), y)).cache()
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+        if shuffle_seed is not None:
+            ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
     # No tf.data autotuning thread (AUTOTUNE then means one call per core and the legacy prefetch tuner): with it,
     # releasing an iterator while the model keeps the CPU busy can block until the autotuner's next wake-up (its
     # period doubles: 5, 10, 20, 41 s, ...), which cost featurize up to 40% of its time (bench/featurize.py).

@@ -3,9 +3,9 @@ comparison needs — key params, final metrics, each stage's wall time, links to
 the data splits as MLflow datasets.
 
 The first stage of a ``dvc repro``/``dvc exp run`` creates it; every stage refreshes it when it ends. Only
-*settled* stages are summarized: the stage that just ended and the stages upstream of it (they ran earlier in this
-execution, or DVC skipped them because their outputs were cached). A downstream stage may still rerun, so its
-figures wait for it.
+*settled* stages are summarized: the stages that ran in this execution, and the stages upstream of the one that
+just ended (DVC skipped them because their outputs were cached) — and the scratch baseline when its outputs match
+the current params. A downstream stage may still rerun, so its figures wait for it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xfer.data import FEATURES, METRICS, REPORTS, RUNS, SPLIT_NAMES, SPLITS
 
-STAGES = ("download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate")
+STAGES = ("download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate", "scratch")
 # Which stages' outputs each stage reads (their run ids become the stage run's upstream.* tags).
 UPSTREAM = {
     "download": [],
@@ -32,13 +32,20 @@ UPSTREAM = {
     "train_head": ["featurize", "views"],
     "finetune": ["train_head", "featurize", "trunk"],
     "evaluate": ["finetune", "train_head"],
+    "scratch": ["split"],
 }
+# Nothing reads the scratch stage's outputs, so DVC may run it before or after the others: every stage summarizes
+# it once its outputs match the current params and split (reports/scratch.json records what produced them).
 KEY_PARAMS = ("backbone.name", "backbone.weights", "backbone.image_size", "backbone.unfreeze_from", "head.name",
               "head.units", "head.dropout", "head.learning_rate", "head.label_smoothing", "featurize.train_views",
               "finetune.enabled", "finetune.learning_rate", "finetune.epochs", "finetune.trunk_views",
-              "split.train", "split.val", "split.test", "seed", "data.name", "evaluate.tta", "runtime.precision")
+              "split.train", "split.val", "split.test", "seed", "data.name", "evaluate.tta", "runtime.precision",
+              "scratch.name", "scratch.image_size", "scratch.epochs")
 # Params that do not change what a pipeline computes (left out of config_digest, which groups seeds).
-NOT_IN_DIGEST = ("seed", "mlflow", "evaluate.register", "evaluate.registered_model")
+# The scratch baseline is grouped on its own (scratch_config_digest).
+NOT_IN_DIGEST = ("seed", "mlflow", "evaluate.register", "evaluate.registered_model", "scratch")
+# What the scratch stage's results depend on (besides the split's manifests).
+SCRATCH_INPUTS = ("scratch", "runtime", "evaluate.tta", "evaluate.misclassified", "evaluate.correct_per_class")
 # What a null setting means, logged instead of "none".
 NULL_MEANS = {"backbone.weights": "random", "backbone.feature_layer": "last layer", "data.sha256": "unchecked",
               "featurize.pooling": "none (flatten)", "finetune.patience": "none (no early stopping)",
@@ -46,10 +53,12 @@ NULL_MEANS = {"backbone.weights": "random", "backbone.feature_layer": "last laye
 # Numbers copied from a stage's own run (when it is in this tracking store): how each fit ended, the model size.
 FIT = ("stopped_epoch", "early_stopped", "best_epoch")
 RUN_METRICS = {"train_head": ("head_", FIT), "finetune": ("finetuned_", (*FIT, "mean_epoch_seconds")),
-               "evaluate": ("", ("model_params",))}
+               "evaluate": ("", ("model_params", "head_test_f1_macro")),
+               "scratch": ("scratch_", (*FIT, "model_params", "test_accuracy_without_tta"))}
 # reports/metrics/<file>.json -> prefix of its numbers in the parent run.
 METRIC_FILES = {"download": ("download", "images_"), "featurize": ("featurize", "featurize_"),
-                "train_head": ("head", "head_"), "finetune": ("finetune", "finetuned_"), "evaluate": ("evaluate", "")}
+                "train_head": ("head", "head_"), "finetune": ("finetune", "finetuned_"), "evaluate": ("evaluate", ""),
+                "scratch": ("scratch", "")}  # its keys already say scratch_
 
 
 # The runs table as the UI's "Share" button saves a view: parents with the columns a comparison reads (stage runs
@@ -57,7 +66,8 @@ METRIC_FILES = {"download": ("download", "images_"), "featurize": ("featurize", 
 VIEW = "leaderboard"
 VIEW_COLUMNS = ("attributes.`Dataset`", "attributes.`Duration`", "params.`backbone.name`",
                 "params.`backbone.image_size`", "params.`head.name`", "params.`finetune.enabled`", "params.`seed`",
-                "metrics.`test_accuracy`", "metrics.`head_test_accuracy`", "metrics.`test_auc`", "metrics.`test_ece`")
+                "metrics.`test_accuracy`", "metrics.`head_test_accuracy`", "metrics.`test_auc`", "metrics.`test_ece`",
+                "params.`scratch.name`", "metrics.`scratch_test_accuracy`")
 
 
 def experiment_tags() -> dict[str, str]:
@@ -85,12 +95,18 @@ def shown(value: Any, key: str = "") -> Any:
     """A param as MLflow shows it: lists as JSON, None as what it means (``NULL_MEANS``) or "none"."""
     if value is None:
         return NULL_MEANS.get(key, "none")
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def config_digest(cfg: DictConfig) -> str:
-    """Identifies everything but the seed (and where runs are logged): pipelines with the same digest differ
-    only in their seed."""
+    """Identifies everything but the seed, the scratch baseline (and where runs are logged): transfer-learning
+    pipelines with the same digest differ only in their seed."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in NOT_IN_DIGEST:
         *path, last = key.split(".")
@@ -98,7 +114,24 @@ def config_digest(cfg: DictConfig) -> str:
         for part in path:
             node = node.get(part, {})
         node.pop(last, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    return _digest(data)
+
+
+def scratch_config_digest(cfg: DictConfig) -> str:
+    """Identifies the scratch baseline's settings and data, all but the seed (groups its seeds)."""
+    def plain(key: str) -> Any:
+        value = OmegaConf.select(cfg, key)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    return _digest({k: plain(k) for k in ("data", "split", *SCRATCH_INPUTS)})
+
+
+def scratch_digest(cfg: DictConfig) -> str:
+    """Identifies exactly what the scratch stage's outputs come from: its params, the seed and the split's
+    manifests (which name every image by its sha256)."""
+    manifests = [hashlib.sha256((SPLITS / f"{n}.csv").read_bytes()).hexdigest() if (SPLITS / f"{n}.csv").is_file()
+                 else None for n in SPLIT_NAMES]
+    return _digest({"config": scratch_config_digest(cfg), "seed": cfg.seed, "manifests": manifests})
 
 
 def key_params(cfg: DictConfig) -> dict[str, Any]:
@@ -192,8 +225,10 @@ def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, statu
 
     from xfer.store import retry_locked
 
-    records = {s: _read(RUNS / f"{s}.json") for s in settled(stage)}
-    records = {s: r for s, r in records.items() if r.get("run_id")}
+    current = stage != "scratch" and _read(REPORTS / "scratch.json").get("inputs_digest") == scratch_digest(cfg)
+    known = {*settled(stage), *(["scratch"] if current else [])}
+    records = {s: _read(RUNS / f"{s}.json") for s in STAGES}  # a stage that ran in this pipeline is final too
+    records = {s: r for s, r in records.items() if r.get("run_id") and (s in known or r.get("pipeline_id") == pid)}
     ran = [s for s, r in records.items() if r.get("pipeline_id") == pid]
     cached = [s for s in records if s not in ran]
     run = client.get_run(parent_id)
@@ -222,6 +257,8 @@ def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, statu
     links = "\n".join(f"- {s}: [{r['run_id'][:8]}](#/experiments/{r.get('experiment_id', '')}/runs/{r['run_id']})"
                       f"{' — cached, from an earlier pipeline' if s in cached else ''}" for s, r in records.items())
     tags = {f"stage.{s}": r["run_id"] for s, r in records.items()}
+    if "scratch" in records:
+        tags["scratch_config_digest"] = scratch_config_digest(cfg)
     tags.update(ran_stages=",".join(ran), cached_stages=",".join(cached) or "none",
                 **{"mlflow.note.content": f"Pipeline `{pid}`: stages and their runs\n\n{links}\n"})
     retry_locked(client.log_batch, parent_id, metrics=new, params=new_params,

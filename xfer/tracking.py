@@ -22,7 +22,7 @@ from xfer.signals import interrupted
 from xfer.store import prepare_database, retry_locked, tracking_uri
 from xfer.summary import UPSTREAM, experiment_tags, log_datasets, open_parent, refresh, shown
 
-BACKBONE_FREE = ("download", "split")  # stages whose runs are not named or tagged after a backbone
+BACKBONE_FREE = ("download", "split", "scratch")  # stages whose runs are not named or tagged after a backbone
 
 
 def _process_alive(pid: int, started: float) -> bool:
@@ -175,7 +175,8 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
                                                             **_owner_tags(owner)})
     tags = {**common, "role": "stage", "stage": stage, "mlflow.parentRunId": parent, **_owner_tags(psutil.Process())}
     tags.update({f"upstream.{up}": run_id for up, run_id in upstream_runs(stage).items()})
-    name = stage if stage in BACKBONE_FREE else f"{stage}-{cfg.backbone.name}"
+    name = (f"scratch-{cfg.scratch.name}" if stage == "scratch" else stage if stage in BACKBONE_FREE
+            else f"{stage}-{cfg.backbone.name}")
     started = time.perf_counter()
     try:
         with retry_locked(mlflow.start_run, run_name=name, tags=tags) as run:
