@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.download import import_folder  # noqa: E402
+from stages.download import import_folder, worker_pool  # noqa: E402
 from xfer.fetch import class_root, extract  # noqa: E402
 
 
@@ -25,11 +25,12 @@ def main() -> None:
     ap.add_argument("archive", type=Path)
     ap.add_argument("--min-side", type=int, default=32)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, worker_pool() as pool:
         t0 = time.perf_counter()
         refused = extract(args.archive, Path(tmp) / "unpacked", 20 * 10**9)
         t1 = time.perf_counter()
-        classes, report = import_folder(class_root(Path(tmp) / "unpacked"), Path(tmp) / "images", args.min_side)
+        classes, report = import_folder(class_root(Path(tmp) / "unpacked"), Path(tmp) / "images", args.min_side,
+                                        pool)
         t2 = time.perf_counter()
     kept = sum(c["kept"] for c in report["classes"].values())
     files = kept + len(report["dropped"])

@@ -7,11 +7,12 @@ reports/metrics/download.json (the kept and dropped counts).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 from collections import Counter
-from multiprocessing import Pool
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -36,7 +37,14 @@ def _check(job: tuple[str, str, int]) -> tuple[str, str, str]:
     return src, dst, reason
 
 
-def import_folder(src_root: Path, out: Path, min_side: int) -> tuple[list[str], dict]:
+def worker_pool():
+    """Processes for :func:`import_folder`. Forked only while this process has no other thread (a fork copies
+    locks other threads hold, e.g. MLflow's, and a worker can then hang forever), else spawned."""
+    method = "fork" if threading.active_count() == 1 else "spawn"
+    return multiprocessing.get_context(method).Pool(os.cpu_count() or 1)
+
+
+def import_folder(src_root: Path, out: Path, min_side: int, pool) -> tuple[list[str], dict]:
     """Validate every file under each class folder of ``src_root`` into ``out/<class>/``, in parallel."""
     classes = sorted(p.name for p in src_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
@@ -49,13 +57,12 @@ def import_folder(src_root: Path, out: Path, min_side: int) -> tuple[list[str], 
             stem = f.relative_to(src_root / cls).with_suffix("").as_posix().replace("/", "__")
             jobs.append((str(f), str(out / cls / f"{stem}.jpg"), min_side))
     kept, dropped = Counter(), []
-    with Pool(os.cpu_count() or 1) as pool:
-        for src, dst, reason in pool.imap_unordered(_check, jobs, chunksize=32):
-            cls = Path(dst).parent.name
-            if reason == "ok":
-                kept[cls] += 1
-            else:
-                dropped.append({"class": cls, "path": str(Path(src).relative_to(src_root)), "reason": reason})
+    for src, dst, reason in pool.imap_unordered(_check, jobs, chunksize=32):
+        cls = Path(dst).parent.name
+        if reason == "ok":
+            kept[cls] += 1
+        else:
+            dropped.append({"class": cls, "path": str(Path(src).relative_to(src_root)), "reason": reason})
     dropped.sort(key=lambda d: d["path"])
     summary = {cls: {"kept": kept[cls], "dropped": sum(d["class"] == cls for d in dropped)} for cls in classes}
     return classes, {"classes": summary, "dropped": dropped}
@@ -63,7 +70,7 @@ def import_folder(src_root: Path, out: Path, min_side: int) -> tuple[list[str], 
 
 def main(cfg: DictConfig) -> None:
     d = cfg.data
-    with stage_run("download", cfg, ["data", "seed"]), atomic_dir(RAW) as tmp:
+    with worker_pool() as pool, stage_run("download", cfg, ["data", "seed"]), atomic_dir(RAW) as tmp:
         images = tmp / IMAGES.relative_to(RAW)
         source = {}
         if d.kind == "synthetic":
@@ -86,7 +93,7 @@ def main(cfg: DictConfig) -> None:
                 src_root = class_root(folder)
                 source = {"folder": str(src_root)}
                 unpacked = None
-            classes, report = import_folder(src_root, images, int(d.min_side))
+            classes, report = import_folder(src_root, images, int(d.min_side), pool)
             if unpacked is not None:
                 shutil.rmtree(unpacked)
         else:

@@ -316,3 +316,17 @@ def test_unreachable_server_gives_up_with_one_line(tmp_path):
         port = s.getsockname()[1]
     with pytest.raises(XferError, match=f"could not download http://127.0.0.1:{port}/a.zip .*experiment=demo"):
         download(f"http://127.0.0.1:{port}/a.zip", tmp_path / "a.zip", timeout=2, retries=2, backoff=0.01)
+
+
+def test_validation_workers_are_forked_only_from_a_single_threaded_process():
+    """A fork copies locks that other threads hold (MLflow's, SQLite's), and a worker could then wait forever: the
+    download stage forks its pool before MLflow starts, and spawns it if another thread already runs."""
+    import subprocess
+    import sys
+
+    code = ("import threading\nfrom stages.download import worker_pool\n"
+            "with worker_pool() as p: print(p._ctx.get_start_method())\n"
+            "threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+            "with worker_pool() as p: print(p._ctx.get_start_method())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["fork", "spawn"]

@@ -161,11 +161,12 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
 
 @pytest.fixture(scope="module")
 def queue_repo(tmp_path_factory):
-    """A second fresh repository: two demo experiments (VGG16, VGG19) queued and run by two parallel workers."""
+    """A second fresh repository: two demo experiments (VGG16; VGG19 with the from-scratch convnet baseline) queued
+    and run by two parallel workers."""
     root, env, dvc = fresh_repo(tmp_path_factory)
     run([*dvc, "exp", "run", "--queue", "-n", "demo-a", "-S", "experiment=demo"], root, env)
-    run([*dvc, "exp", "run", "--queue", "-n", "demo-b", "-S", "experiment=demo", "-S", "backbone=vgg19"],
-        root, env)
+    run([*dvc, "exp", "run", "--queue", "-n", "demo-b", "-S", "experiment=demo", "-S", "backbone=vgg19", "-S",
+         "scratch=convnet"], root, env)
     start = time.time()
     run([*dvc, "queue", "start", "-j", "2"], root, env)
     while True:
@@ -189,12 +190,12 @@ def test_parallel_queued_experiments_lose_nothing(queue_repo):
     names = run([*dvc, "exp", "list", "--name-only"], root, env).split()
     assert {"demo-a", "demo-b"} <= set(names)
     client, _, runs = mlflow_runs(root)
-    assert len(runs) == 16 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 17 and all(r.info.status == "FINISHED" for r in runs)
     by_exp = {name: sorted(r.info.run_name for r in runs if r.data.tags["dvc_exp_name"] == name)
               for name in ("demo-a", "demo-b")}
     stages = ("featurize", "views", "trunk", "train_head", "finetune", "evaluate")
-    assert by_exp == {name: sorted(["download", "split", *(f"{s}-{b}" for s in stages)])
-                      for name, b in (("demo-a", "vgg16"), ("demo-b", "vgg19"))}
+    assert by_exp == {name: sorted(["download", "split", *(f"{s}-{b}" for s in stages), *extra])
+                      for name, b, extra in (("demo-a", "vgg16", []), ("demo-b", "vgg19", ["scratch-convnet"]))}
     _, _, parents = mlflow_runs(root, "pipeline")
     assert sorted(p.info.run_name for p in parents) == ["demo-a", "demo-b"]
     assert all(p.info.status == "FINISHED" and "test_accuracy" in p.data.metrics for p in parents)
@@ -326,3 +327,23 @@ def test_the_readme_dvc_exp_show_view_fits_120_columns(queue_repo):
     assert rows["demo-a"][3] == "vgg16" and rows["demo-b"][3] == "vgg19"
     metrics = json.loads(exp_file(root, env, "demo-a", "reports/metrics/evaluate.json"))
     assert float(rows["demo-a"][1]) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+
+
+def test_the_scratch_baseline_sits_beside_the_transfer_models(queue_repo):
+    """(Last: it applies demo-b to the workspace.) `-S scratch=convnet` trained the book's convnet on the same split:
+    the leaderboard lists it beside each backbone's head and fine-tuned model, `dvc exp show` has its metric and
+    `dvc plots` its training curves."""
+    root, env, dvc, *_ = queue_repo
+    out = run([sys.executable, "-m", "xfer.compare", "--per-run", "--experiment", "synthetic"], root, env)
+    board = (root / "reports/compare/leaderboard.csv").read_text()
+    models = {line.split(",")[0] for line in board.splitlines()[1:]}
+    assert models == {"vgg16/head", "vgg16/finetuned", "vgg19/head", "vgg19/finetuned", "scratch/convnet"}, out
+    shown = json.loads(run([*dvc, "exp", "show", "--json", "--no-pager"], root, env))
+    exps = {e["name"]: e for commit in shown for e in commit.get("experiments") or [] if e.get("name")}
+    metrics = {name: e["revs"][0]["data"]["metrics"] for name, e in exps.items()}
+    assert metrics["demo-b"]["reports/metrics/scratch.json"]["data"]["scratch_test_accuracy"] > 0
+    assert metrics["demo-a"]["reports/metrics/scratch.json"]["data"] == {}  # scratch: none
+    run([*dvc, "exp", "apply", "demo-b"], root, env)
+    plots = json.loads(run([*dvc, "plots", "show", "--json"], root, env))["data"]
+    assert len(plots["scratch_loss"]) == 1 and plots["scratch_loss"][0]["type"] == "vega"
+    assert {"reports/scratch/misclassified.png", "reports/scratch/correct.png", "reports/correct.png"} <= set(plots)
