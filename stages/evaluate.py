@@ -50,7 +50,6 @@ def main(cfg: DictConfig) -> None:
     import mlflow
 
     from xfer.gradcam import explain_images
-    from xfer.images import image_dataset
     from xfer.serving import Predictor, check_tta, register, registered_name
 
     try:
@@ -75,12 +74,10 @@ def main(cfg: DictConfig) -> None:
         # plain predictions are the head's on the cached test features, so only TTA views need the images.
         exported = not cfg.finetune.enabled
         start, passes = time.perf_counter(), len(tta) + (not exported)
-        views = ([predictor.views(x.numpy(), plain=not exported)
-                  for x, _ in image_dataset(image_paths(test), y, int(cfg.backbone.image_size), bs)] if passes else [])
+        views = predictor.views_of_files(image_paths(test), y, bs, plain=not exported) if passes else []
         seconds = time.perf_counter() - start
-        plain = as_matrix(head_probs) if exported else np.concatenate([v[0] for v in views])
-        tta_views = [np.concatenate([v[i] for v in views]) for i in range(int(not exported), passes)]
-        probs = np.mean([plain, *tta_views], axis=0)
+        plain = as_matrix(head_probs) if exported else views[0]
+        probs = np.mean([plain, *views[int(not exported) :]], axis=0)
         final = classification_metrics(y, probs, classes)
         head_only = classification_metrics(y, head_probs, classes)
         metrics = {f"test_{k}": v for k, v in final.items()}

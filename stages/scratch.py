@@ -95,9 +95,8 @@ def main(cfg: DictConfig) -> None:
         save_model(model, OUT_MODELS / f"{s.name}.keras")
         # The test images scored as evaluate scores the transfer model: the same TTA views, the same metrics.
         predictor, y = Predictor(model, classes, tta), test["label"].to_numpy()
-        views = [predictor.views(x.numpy()) for x, _ in image_dataset(image_paths(test), y, size, bs)]
-        plain = np.concatenate([v[0] for v in views])
-        probs = np.mean([np.concatenate([v[i] for v in views]) for i in range(1 + len(tta))], axis=0)
+        views = predictor.views_of_files(image_paths(test), y, bs)
+        plain, probs = views[0], np.mean(views, axis=0)
         final = classification_metrics(y, probs, classes)
         report = {f"test_{k}": v for k, v in final.items()}
         report.update(test_images=len(test), model_params=int(model.count_params()), tta=tta,

@@ -44,8 +44,17 @@ def test_backbone_builds_featurizes_and_has_its_boundary(name):
     assert feats.shape[1:] == base.output_shape[1:]
     cnn = backbone_cnn(base)
     assert unfreeze_from(cnn, cfg.unfreeze_from) >= 1
-    pooled = build_base(cfg, pooling="avg").predict(images, verbose=0)
+    pooled_base = build_base(cfg, pooling="avg")
+    pooled = pooled_base.predict(images, verbose=0)
     assert pooled.shape == (2, feats.shape[-1])
+    # Grad-CAM reads this backbone's last feature map, inside the pooled base.
+    from xfer.gradcam import heatmaps, last_feature_map
+
+    inputs = keras.Input((size, size, 3))
+    classifier = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled_base(inputs)))
+    assert last_feature_map(classifier) == f"base_{name}/{cnn.name}"
+    cams = heatmaps(classifier, images)
+    assert cams.shape == (2, size, size) and cams.min() >= 0 and cams.max() <= 1
     keras.backend.clear_session()
 
 

@@ -46,6 +46,7 @@ def test_xception_mini_has_residual_blocks_of_batchnorm_and_separable_convolutio
     kinds = layer_types(model)
     assert kinds["Add"] == 3 and kinds["BatchNormalization"] == 6 and kinds["SeparableConv2D"] == 6
     assert kinds["GlobalAveragePooling2D"] == 1 and kinds["Dropout"] == 1 and "Flatten" not in kinds
+    assert {layer.momentum for layer in model.layers if type(layer).__name__ == "BatchNormalization"} == {0.9}
     for i in (1, 2, 3):  # each block adds its strided 1x1 projection of its input: a residual connection
         add = model.get_layer(f"block{i}_add")
         assert {t._keras_history.operation.name for t in add._inbound_nodes[0].input_tensors} == \

@@ -24,12 +24,12 @@ def _convnet(x, filters: list[int]):
     return layers.Flatten(name="flatten")(x)
 
 
-def _xception_mini(x, filters: list[int]):
+def _xception_mini(x, filters: list[int], bn_momentum: float):
     x = layers.Conv2D(filters[0], 5, use_bias=False, name="stem")(x)
     for i, width in enumerate(filters):
         residual = x
         for j in (1, 2):
-            x = layers.BatchNormalization(name=f"block{i + 1}_bn{j}")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"block{i + 1}_bn{j}")(x)
             x = layers.Activation("relu", name=f"block{i + 1}_relu{j}")(x)
             x = layers.SeparableConv2D(width, 3, padding="same", use_bias=False, name=f"block{i + 1}_sepconv{j}")(x)
         x = layers.MaxPooling2D(3, strides=2, padding="same", name=f"block{i + 1}_pool")(x)
@@ -59,7 +59,10 @@ def build_scratch(scfg: DictConfig, n_classes: int, seed: int) -> keras.Model:
     if scfg.model == "convnet" and size < min_convnet_size(len(filters)):
         raise XferError(f"scratch.image_size: {size} px is too small for convnet's {len(filters)} convolutions; "
                         f"use at least {min_convnet_size(len(filters))}")
-    x = (_convnet if scfg.model == "convnet" else _xception_mini)(x, filters)
+    if scfg.model == "convnet":
+        x = _convnet(x, filters)
+    else:
+        x = _xception_mini(x, filters, float(scfg.get("bn_momentum") or 0.99))
     if scfg.dropout:
         x = layers.Dropout(float(scfg.dropout), name="dropout")(x)
     if n_classes == 2:

@@ -80,6 +80,14 @@ class Predictor:
             out.append(as_matrix(self.model.predict(batch[:, :, ::-1, :], verbose=0, batch_size=32)))
         return out
 
+    def views_of_files(self, paths: list[str], labels: np.ndarray, batch_size: int, plain: bool = True
+                       ) -> list[np.ndarray]:
+        """:meth:`views` over image files read as in training (xfer.images), each view's (n, k) in file order."""
+        from xfer.images import image_dataset
+
+        batches = [self.views(x.numpy(), plain) for x, _ in image_dataset(paths, labels, self.size, batch_size)]
+        return [np.concatenate([b[i] for b in batches]) for i in range(len(batches[0]))] if batches else []
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return np.mean(self.views(batch), axis=0)
 

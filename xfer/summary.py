@@ -225,8 +225,9 @@ def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, statu
 
     from xfer.store import retry_locked
 
-    current = stage != "scratch" and _read(REPORTS / "scratch.json").get("inputs_digest") == scratch_digest(cfg)
-    known = {*settled(stage), *(["scratch"] if current else [])}
+    known = set(settled(stage))  # once the split is settled, the manifests the scratch digest reads are final
+    if "split" in known and _read(REPORTS / "scratch.json").get("inputs_digest") == scratch_digest(cfg):
+        known.add("scratch")
     records = {s: _read(RUNS / f"{s}.json") for s in STAGES}  # a stage that ran in this pipeline is final too
     records = {s: r for s, r in records.items() if r.get("run_id") and (s in known or r.get("pipeline_id") == pid)}
     ran = [s for s, r in records.items() if r.get("pipeline_id") == pid]
