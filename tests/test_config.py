@@ -182,7 +182,11 @@ def test_dvc_yaml_declares_only_keys_that_exist_and_each_stage_script():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert list(dvc["stages"]) == ["download", "split", "featurize", "views", "trunk", "train_head", "finetune",
-                                   "evaluate"]
+                                   "evaluate", "scratch"]
+    # the from-scratch baseline reads the split only: a backbone, head or fine-tuning change never reruns it
+    scratch = dvc["stages"]["scratch"]
+    assert not any(k.startswith(("backbone", "head", "finetune", "featurize")) for k in scratch["params"])
+    assert not any(d.startswith(("data/features", "data/views", "data/trunk", "models/")) for d in scratch["deps"])
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"python -m stages.{name}"
         assert f"stages/{name}.py" in stage["deps"]
