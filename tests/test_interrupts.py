@@ -139,3 +139,22 @@ def test_training_and_evaluation_print_a_bar_and_one_summary_line(ready):
             assert noise not in err, f"{stage}: {noise!r} in stderr:\n{err}"
         if stage == "finetune":
             assert "finetune: 100%" in err  # its progress bar
+
+
+def test_a_signal_that_tensorflow_swallowed_still_stops_training():
+    """TensorFlow may ignore the exception our handler raised (e.g. inside a finalizer): the progress bar, in every
+    fit, raises the remembered signal again after the next step."""
+    from xfer import signals
+    from xfer.runtime import progress_bar
+
+    bar = progress_bar("test")
+    bar.set_params({"epochs": 1, "steps": 2})
+    bar.on_train_begin()
+    bar.on_train_batch_end(0)  # nothing received: goes on
+    signals.received.append(signal.SIGTERM)
+    try:
+        with pytest.raises(signals.Terminated):
+            bar.on_train_batch_end(1)
+    finally:
+        signals.received.clear()
+        bar.on_train_end()

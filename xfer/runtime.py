@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from xfer import XferError
+from xfer import XferError, signals
 
 # TensorFlow/absl/CUDA start-up lines that say nothing to a CPU user; everything else on stderr still shows.
 STARTUP_NOISE = re.compile(
@@ -154,7 +154,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def progress_bar(desc: str):
     """A Keras callback drawing one tqdm bar over all training steps, with the epoch and the latest
-    loss/accuracy (train and validation) as its postfix. Use with ``fit(verbose=0)``."""
+    loss/accuracy (train and validation) as its postfix. Use with ``fit(verbose=0)``. After each step it raises
+    a Ctrl-C/SIGTERM again that something inside TensorFlow swallowed (xfer.signals), so training stops."""
     import keras
     from tqdm import tqdm
 
@@ -171,6 +172,7 @@ def progress_bar(desc: str):
 
         def on_train_batch_end(self, batch: int, logs=None) -> None:
             self.bar.update(1)
+            signals.raise_if_interrupted()
 
         def on_epoch_end(self, epoch: int, logs=None) -> None:
             shown = {k: v for k, v in (logs or {}).items() if k.rsplit("_", 1)[-1] in ("loss", "accuracy")}
