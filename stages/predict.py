@@ -67,15 +67,13 @@ def load(model: str, classes: str, tta=()):
     return Predictor.load(model, classes, tta)
 
 
-def explain(predictor, images: list[bytes], classes: list[str], folder: Path, names: list[str]) -> list[str]:
-    """Write each image blended with its Grad-CAM heatmap for ``classes[i]`` as ``folder/<name>.png``."""
+def explain(predictor, batch, classes: list[str], folder: Path, names: list[str]) -> list[str]:
+    """Write each decoded image blended with its Grad-CAM heatmap for ``classes[i]`` as ``folder/<name>.png``."""
     import numpy as np
     from PIL import Image
 
     from xfer.gradcam import heatmaps, overlay, split_model
-    from xfer.serving import decode
 
-    batch = np.stack([decode(image, predictor.size) for image in images])
     labels = np.array([predictor.classes.index(c) for c in classes])
     cams = heatmaps(predictor.model, batch, labels, split_model(predictor.model))
     out = []
@@ -102,13 +100,13 @@ def predict(files: list[Path], predictor, batch: int = 32, explain_to: Path | No
             skipped.append((str(f), " ".join(str(exc).split())[:100] or type(exc).__name__))
     for i in range(0, len(readable), batch):
         chunk = readable[i : i + batch]
-        out = predictor.predict([data for _, data in chunk])
+        images = predictor.decode_all([data for _, data in chunk])  # decoded once, also for the heatmaps
+        out = predictor.predict_batch(images)
         frame = pd.DataFrame({"path": [str(f) for f, _ in chunk], "class": out["class"].to_list(),
                               "probability": out["probability"].round(6).to_list()})
         if explain_to is not None:
             names = [f"{i + k:05d}_{f.stem}" for k, (f, _) in enumerate(chunk)]
-            frame["explanation"] = explain(predictor, [d for _, d in chunk], frame["class"].to_list(), explain_to,
-                                           names)
+            frame["explanation"] = explain(predictor, images, frame["class"].to_list(), explain_to, names)
         rows.append(frame)
     columns = ["path", "class", "probability", *(["explanation"] if explain_to is not None else [])]
     frame = pd.concat(rows) if rows else pd.DataFrame(columns=columns)

@@ -91,8 +91,15 @@ class Predictor:
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return np.mean(self.views(batch), axis=0)
 
+    def decode_all(self, images: list) -> np.ndarray:
+        """Image files' bytes (or arrays) as one batch the model takes."""
+        return np.stack([decode(img, self.size) for img in images])
+
     def predict(self, images: list) -> pd.DataFrame:
-        p = self.probabilities(np.stack([decode(img, self.size) for img in images]))
+        return self.predict_batch(self.decode_all(images))
+
+    def predict_batch(self, batch: np.ndarray) -> pd.DataFrame:
+        p = self.probabilities(batch)
         idx = p.argmax(axis=1)
         return pd.DataFrame({"class": [self.classes[i] for i in idx], "probability": p.max(axis=1)})
 
