@@ -55,8 +55,9 @@ def load(model: str, classes: str, tta=()):
     if "://" in model or model.startswith("models:/"):
         import mlflow.pyfunc
 
-        from xfer.store import tracking_uri
+        from xfer.store import check_server, tracking_uri
 
+        check_server(tracking_uri())
         mlflow.set_tracking_uri(tracking_uri())
         return mlflow.pyfunc.load_model(model).unwrap_python_model().predictor
     from xfer.serving import Predictor

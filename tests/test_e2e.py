@@ -145,6 +145,14 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
     assert ran == ["train_head", "finetune", "evaluate"]
     for stage in ("download", "split", "featurize"):
         assert f"Stage '{stage}' didn't change, skipping" in log
+    # What a user sees: per stage one progress bar and one summary line; no Keras epoch lines, no TensorFlow,
+    # MLflow or registry chatter.
+    for stage in ran:
+        assert len(re.findall(rf"^{stage}: {{", log, re.M)) == 1, log
+    assert "train_head: 100%" in log and "finetune: 100%" in log
+    for noise in ("absl", "cuda", "Warning", "WARNING", "INFO", "Successfully registered", "Created version",
+                  "Epoch 1/", "Downloading artifacts"):
+        assert noise not in log, f"{noise!r} in the log:\n{log}"
     _, _, runs = mlflow_runs(root)
     latest = [r for r in runs if r.data.tags["pipeline_id"] == runs[-1].data.tags["pipeline_id"]]
     assert [r.info.run_name for r in latest] == ["train_head-vgg16", "finetune-vgg16", "evaluate-vgg16"]
@@ -166,7 +174,7 @@ def queue_repo(tmp_path_factory):
     root, env, dvc = fresh_repo(tmp_path_factory)
     run([*dvc, "exp", "run", "--queue", "-n", "demo-a", "-S", "experiment=demo"], root, env)
     run([*dvc, "exp", "run", "--queue", "-n", "demo-b", "-S", "experiment=demo", "-S", "backbone=vgg19", "-S",
-         "scratch=convnet"], root, env)
+         "scratch=convnet", "-S", "scratch.epochs=1"], root, env)
     start = time.time()
     run([*dvc, "queue", "start", "-j", "2"], root, env)
     while True:

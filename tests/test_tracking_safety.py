@@ -4,12 +4,15 @@ killed processes are closed."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import REPO
+from xfer import XferError
 from xfer.store import prepare_database, retry_locked
 from xfer.tracking import close_abandoned_runs
 
@@ -92,3 +95,19 @@ def test_running_runs_of_dead_processes_are_marked_killed(tmp_path):
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"
     assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
+
+
+def test_a_tracking_server_that_does_not_answer_is_one_line(tmp_path):
+    """MLFLOW_TRACKING_URI names a server nobody started: the stage (and the leaderboard) says so in one line,
+    before MLflow's retries, and suggests what to start."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    proc = subprocess.run([sys.executable, "-m", "xfer.compare", "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: no MLflow server answers")
+    assert "python -m xfer.stack up" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    with pytest.raises(XferError, match="no MLflow server answers"):
+        prepare_database(f"http://127.0.0.1:{port}")  # what every stage calls first

@@ -156,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         import mlflow
 
         from xfer.config import load_params
-        from xfer.store import tracking_uri
+        from xfer.store import check_server, tracking_uri
         from xfer.summary import view_url
         from xfer.tracking import experiment_name
 
         experiment = args.experiment or experiment_name(load_params([]))
+        check_server(tracking_uri())
         client = mlflow.MlflowClient(tracking_uri())
         frame = leaderboard(client, experiment)
         url = view_url(client.get_experiment_by_name(experiment).experiment_id)

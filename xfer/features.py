@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from xfer.signals import raise_if_interrupted
+
 BASE_WEIGHTS = "base.weights.h5"
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -35,6 +37,7 @@ def featurize_split(base, paths: list[str], labels: np.ndarray, out: Path, split
                 feats[row : row + len(batch)] = batch
                 row += len(batch)
                 bar.update(len(batch))
+                raise_if_interrupted()  # a signal deferred while TensorFlow ran
     feats.flush()
     del feats
     np.save(out / f"{split}_labels.npy", np.tile(labels.astype(np.int64), views), allow_pickle=False)

@@ -1,4 +1,5 @@
-"""The MLflow tracking store: where it is, and safe concurrent use of a SQLite database."""
+"""The MLflow tracking store: where it is, a one-line error when a tracking server cannot be used, and safe
+concurrent use of a SQLite database."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from xfer import XferError
 from xfer.config import repo_root
 
 SQLITE_BUSY_S = 60.0  # how long our own connection waits for SQLite's lock
+SERVER_TIMEOUT_S = 15.0  # for the one request that checks a tracking server
 T = TypeVar("T")
 
 
@@ -38,10 +41,44 @@ def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: 
     raise AssertionError("unreachable")
 
 
+def check_server(uri: str) -> None:
+    """For an ``http(s)://`` tracking URI: fail in one line, before a stage starts, when no MLflow server answers,
+    when it refuses our credentials (``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``), or when it cannot list the
+    artifact store it proxies (e.g. a missing bucket), instead of MLflow's retries and stack trace mid-stage."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    where = f"MLFLOW_TRACKING_URI={uri}"
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                              auth=(user, password or "") if user else None, timeout=SERVER_TIMEOUT_S)
+        if answer.status_code in (401, 403):
+            given = "were refused" if user else "are needed"
+            raise XferError(f"{where}: the server's credentials {given} (HTTP {answer.status_code}); set "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+        if answer.status_code != 200:
+            raise XferError(f"{where}: not an MLflow server (HTTP {answer.status_code} from its REST API); "
+                            "check the URL")
+        store = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts",
+                             auth=(user, password or "") if user else None, timeout=SERVER_TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise XferError(f"{where}: no MLflow server answers ({type(exc).__name__}); start it (`python -m "
+                        "xfer.stack up` for the local team stack) or unset MLFLOW_TRACKING_URI to use "
+                        "mlruns/mlflow.db") from None
+    if store.status_code >= 500:  # 404/503: the server does not proxy artifacts, nothing to check here
+        detail = " ".join(store.text.split())[:160]
+        raise XferError(f"{where}: the server cannot use its artifact store ({detail}); create the bucket or fix "
+                        "the server's --artifacts-destination and its S3 credentials")
+
+
 def prepare_database(uri: str) -> None:
-    """Safe concurrent use of a SQLite tracking database: the schema is created (or upgraded) by one process at
-    a time, under a file lock beside the database, and the WAL journal lets readers and one writer work at once
-    (writes that still meet a locked database are retried by :func:`retry_locked`)."""
+    """Make the tracking store ready. A server is checked (:func:`check_server`). A SQLite database is made safe
+    for concurrent use: the schema is created (or upgraded) by one process at a time, under a file lock beside
+    the database, and the WAL journal lets readers and one writer work at once (writes that still meet a locked
+    database are retried by :func:`retry_locked`)."""
+    check_server(uri)
     if not uri.startswith("sqlite:///"):
         return
     import mlflow
