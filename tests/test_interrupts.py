@@ -161,6 +161,7 @@ def handlers(monkeypatch):
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(signals, "received", [])
     monkeypatch.setattr(signals, "FORCE_AFTER_S", 0.5)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under a background CI job
     signals.install()
     yield signals
     for s, handler in saved.items():
