@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +65,38 @@ def project(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlruns/mlflow.db")
     (root / "mlruns").mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def team_stack():
+    """The local team stack (``python -m xfer.stack up``: PostgreSQL, SeaweedFS, mlflow server) on free 127.0.0.1
+    ports, shared by the e2e team test and tests/test_stack.py (which ends by stopping it). Its folder is in /tmp:
+    the postgres system user cannot enter pytest's mode-700 tmp dirs. ``env``: the CLI's environment;
+    ``client_env``: what `python -m xfer.stack env` exports; ``dvc_remote``: the dvc commands `up` prints."""
+    from xfer import stack as xstack
+    from xfer import stack_services as svc
+
+    folder = Path(tempfile.mkdtemp(prefix="xfer-stack-", dir="/tmp"))
+    ports = dict(zip(xstack.SERVICES, svc.free_ports(3), strict=True))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XFER_STACK_", "AWS_", "MLFLOW_"))}
+    env.update({xstack.port_env(s): str(p) for s, p in ports.items()},
+               XFER_STACK_DIR=str(folder), XFER_STACK_MLFLOW_WORKERS="1", MLFLOW_DISABLE_TELEMETRY="true")
+
+    def cli(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "xfer.stack", *args], capture_output=True, text=True, env=env,
+                              cwd=REPO, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = cli("up")
+    client_env = dict(line.removeprefix("export ").split("=", 1) for line in cli("env").splitlines())
+    dvc_remote = [line.split()[1:] for line in out.splitlines() if line.startswith("dvc remote ")]
+    try:
+        yield {"dir": folder, "ports": ports, "env": env, "cli": cli, "url": f"http://127.0.0.1:{ports['mlflow']}",
+               "client_env": client_env, "dvc_remote": dvc_remote}
+    finally:
+        subprocess.run([sys.executable, "-m", "xfer.stack", "down"], env=env, cwd=REPO, timeout=600)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 TINY = [

@@ -10,12 +10,9 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -25,6 +22,7 @@ import yaml
 from tests.conftest import REPO, copy_project
 
 pytestmark = pytest.mark.e2e
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -45,10 +43,9 @@ def fresh_repo(tmp_path_factory) -> tuple[Path, dict, list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "XFER_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    run(["git", "init", "-q"], root, env)
-    run([*git, "add", "-A"], root, env)
-    run([*git, "commit", "-qm", "project"], root, env)
+    run(["git", "init", "-q", "-b", "main"], root, env)
+    run([*GIT, "add", "-A"], root, env)
+    run([*GIT, "commit", "-qm", "project"], root, env)
     return root, env, [sys.executable, "-m", "dvc"]
 
 
@@ -72,11 +69,12 @@ def dvc_status_clean(root: Path, env: dict, dvc: list[str]) -> bool:
     return "Data and pipelines are up to date" in run([*dvc, "status"], root, env)
 
 
-def mlflow_runs(root: Path, role: str = "stage"):
-    """The stage runs (or, with role="pipeline", the parent runs) of the demo experiment, oldest first."""
+def mlflow_runs(root: Path, role: str = "stage", env: dict | None = None):
+    """The stage runs (or, with role="pipeline", the parent runs) of the demo experiment, oldest first, from the
+    tracking server in ``env`` or else the repository's own database."""
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    client = mlflow.MlflowClient((env or {}).get("MLFLOW_TRACKING_URI") or f"sqlite:///{root}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("synthetic")
     return client, exp, client.search_runs([exp.experiment_id], f"tags.role = '{role}'",
                                            order_by=["attributes.start_time ASC"])
@@ -168,10 +166,18 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
 
 
 @pytest.fixture(scope="module")
-def queue_repo(tmp_path_factory):
-    """A second fresh repository: two demo experiments (VGG16; VGG19 with the from-scratch convnet baseline) queued
-    and run by two parallel workers."""
+def queue_repo(tmp_path_factory, team_stack):
+    """A second fresh repository, as a team member's clone: its git remote `origin` (a bare repository), its DVC
+    remote in the team stack's bucket, MLFLOW_TRACKING_URI on the stack's server. Two demo experiments (VGG16;
+    VGG19 with the from-scratch convnet baseline) queued and run by two parallel workers."""
     root, env, dvc = fresh_repo(tmp_path_factory)
+    env.update(team_stack["client_env"])  # what `eval "$(python -m xfer.stack env)"` sets
+    origin = root.parent / "origin.git"
+    run(["git", "init", "-q", "--bare", str(origin)], root, env)
+    run(["git", "remote", "add", "origin", str(origin)], root, env)
+    run(["git", "push", "-q", "origin", "HEAD:main"], root, env)
+    for cmd in team_stack["dvc_remote"]:  # `dvc remote add --local -d ...`, `dvc remote modify ... endpointurl`
+        run([*dvc, *cmd], root, env)
     run([*dvc, "exp", "run", "--queue", "-n", "demo-a", "-S", "experiment=demo"], root, env)
     run([*dvc, "exp", "run", "--queue", "-n", "demo-b", "-S", "experiment=demo", "-S", "backbone=vgg19", "-S",
          "scratch=convnet", "-S", "scratch.epochs=1"], root, env)
@@ -197,14 +203,14 @@ def test_parallel_queued_experiments_lose_nothing(queue_repo):
     assert "Failed" not in status, status
     names = run([*dvc, "exp", "list", "--name-only"], root, env).split()
     assert {"demo-a", "demo-b"} <= set(names)
-    client, _, runs = mlflow_runs(root)
+    client, _, runs = mlflow_runs(root, env=env)
     assert len(runs) == 17 and all(r.info.status == "FINISHED" for r in runs)
     by_exp = {name: sorted(r.info.run_name for r in runs if r.data.tags["dvc_exp_name"] == name)
               for name in ("demo-a", "demo-b")}
     stages = ("featurize", "views", "trunk", "train_head", "finetune", "evaluate")
     assert by_exp == {name: sorted(["download", "split", *(f"{s}-{b}" for s in stages), *extra])
                       for name, b, extra in (("demo-a", "vgg16", []), ("demo-b", "vgg19", ["scratch-convnet"]))}
-    _, _, parents = mlflow_runs(root, "pipeline")
+    _, _, parents = mlflow_runs(root, "pipeline", env)
     assert sorted(p.info.run_name for p in parents) == ["demo-a", "demo-b"]
     assert all(p.info.status == "FINISHED" and "test_accuracy" in p.data.metrics for p in parents)
 
@@ -226,41 +232,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-background-networking", "--disable-component-update"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def mlflow_server(db: Path, env: dict, log: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 over ``db``; yields its URL once it answers /health."""
-    import urllib.request
-
-    port = free_port()
-    with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-
-
-def check_mlflow_ui(db: Path, env: dict, shots: Path, work: Path) -> None:
+def check_mlflow_ui(url: str, shots: Path) -> None:
     """The leaderboard view in headless Chromium: both parent rows with their test accuracy, one expanded to its
     nested stage runs; then a parent's page with its params and metrics. Saves the screenshots."""
     import mlflow
@@ -269,12 +241,12 @@ def check_mlflow_ui(db: Path, env: dict, shots: Path, work: Path) -> None:
     from xfer.summary import view_url
 
     assert CHROMIUM.exists(), f"{CHROMIUM} not found: install Debian's chromium package (README, Setup)"
-    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    client = mlflow.MlflowClient(url)
     exp = client.get_experiment_by_name("synthetic")
     parents = client.search_runs([exp.experiment_id], "tags.role = 'pipeline'")
     assert len({p.data.params["backbone.name"] for p in parents}) == 2
     shots.mkdir(parents=True, exist_ok=True)
-    with mlflow_server(db, env, work / "mlflow-server.log") as url, sync_playwright() as pw:
+    with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1700, "height": 760})
         page.goto(view_url(exp.experiment_id, url))
@@ -314,10 +286,10 @@ def check_mlflow_ui(db: Path, env: dict, shots: Path, work: Path) -> None:
 
 @pytest.mark.browser
 def test_mlflow_ui_shows_one_row_per_pipeline_in_a_real_browser(queue_repo, tmp_path):
-    """`mlflow server` on 127.0.0.1 over the queued experiments' database, opened in headless Chromium.
-    XFER_SCREENSHOTS=docs keeps the screenshots the README shows."""
+    """The team stack's `mlflow server` (127.0.0.1), where the queued experiments logged, opened in headless
+    Chromium. XFER_SCREENSHOTS=docs keeps the screenshots the README shows."""
     root, env, *_ = queue_repo
-    check_mlflow_ui(root / "mlruns" / "mlflow.db", env, Path(os.environ.get("XFER_SCREENSHOTS") or tmp_path), tmp_path)
+    check_mlflow_ui(env["MLFLOW_TRACKING_URI"], Path(os.environ.get("XFER_SCREENSHOTS") or tmp_path))
 
 
 def test_the_readme_dvc_exp_show_view_fits_120_columns(queue_repo):
@@ -355,3 +327,52 @@ def test_the_scratch_baseline_sits_beside_the_transfer_models(queue_repo):
     plots = json.loads(run([*dvc, "plots", "show", "--json"], root, env))["data"]
     assert len(plots["scratch_loss"]) == 1 and plots["scratch_loss"][0]["type"] == "vega"
     assert {"reports/scratch/misclassified.png", "reports/scratch/correct.png", "reports/correct.png"} <= set(plots)
+
+
+def test_a_team_shares_runs_data_models_and_experiments_through_the_stack(queue_repo, team_stack, tmp_path):
+    """(After the scratch test applied demo-b.) The two parallel experiments logged to the stack's MLflow server:
+    every run is in PostgreSQL, every artifact in the bucket, the model registered with its alias. The data,
+    models and experiments go to the bucket with `dvc push` / `dvc exp push`; a teammate's fresh clone pulls them
+    and `dvc repro` recomputes nothing."""
+    import psycopg2
+
+    from tests.test_stack import bucket_keys, creds
+
+    root, env, dvc, *_ = queue_repo
+    client, exp, runs = mlflow_runs(root, env=env)
+    _, _, parents = mlflow_runs(root, "pipeline", env)
+    ids = {r.info.run_id for r in [*runs, *parents]}
+    with psycopg2.connect(host="127.0.0.1", port=team_stack["ports"]["postgres"], user="mlflow", dbname="mlflow",
+                          password=creds(team_stack["dir"])["XFER_STACK_DB_PASSWORD"]) as db, db.cursor() as cur:
+        cur.execute("SELECT run_uuid FROM runs WHERE experiment_id = %s", (int(exp.experiment_id),))
+        assert {row[0] for row in cur.fetchall()} == ids
+    keys = bucket_keys(team_stack)
+    for run_ in [*runs, *parents]:
+        for artifact in client.list_artifacts(run_.info.run_id):
+            assert any(f"{run_.info.run_id}/artifacts/{artifact.path}" in k for k in keys), artifact.path
+    assert not (root / "mlruns" / "mlflow.db").exists()  # nothing went to the local database
+    version = client.get_model_version_by_alias("synthetic-classifier", "candidate")
+    assert version.run_id in ids
+    out = run([sys.executable, "-m", "xfer.compare", "--experiment", "synthetic"], root, env)
+    assert f"{team_stack['url']}/#/experiments/{exp.experiment_id}" in out  # the leaderboard read the server
+
+    run([*GIT, "add", "-A"], root, env)
+    run([*GIT, "commit", "-qm", "demo-b"], root, env)
+    run([*dvc, "push"], root, env)
+    run(["git", "push", "-q", "origin", "HEAD:main"], root, env)
+    run([*dvc, "exp", "push", "origin", "demo-a"], root, env)
+    assert any(k.startswith("dvc/") for k in bucket_keys(team_stack, prefix="dvc/"))
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root.parent / "origin.git"), str(clone)], tmp_path, env)
+    for cmd in team_stack["dvc_remote"]:
+        run([*dvc, *cmd], clone, env)
+    run([*dvc, "pull"], clone, env)
+    log = run([*dvc, "repro"], clone, env)
+    assert "Running stage" not in log and dvc_status_clean(clone, env, dvc), log
+    assert (clone / "models/model.keras").read_bytes() == (root / "models/model.keras").read_bytes()
+    run([*dvc, "exp", "pull", "origin", "demo-a"], clone, env)
+    assert "demo-a" in run([*dvc, "exp", "list", "--all-commits", "--name-only"], clone, env).split()
+    run([*dvc, "exp", "apply", "demo-a"], clone, env)
+    assert yaml.safe_load((clone / "params.yaml").read_text())["backbone"]["name"] == "vgg16"
+    assert dvc_status_clean(clone, env, dvc)  # demo-a's outputs came with `dvc exp pull`

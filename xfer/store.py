@@ -67,10 +67,13 @@ def check_server(uri: str) -> None:
         raise XferError(f"{where}: no MLflow server answers ({type(exc).__name__}); start it (`python -m "
                         "xfer.stack up` for the local team stack) or unset MLFLOW_TRACKING_URI to use "
                         "mlruns/mlflow.db") from None
-    if store.status_code >= 500:  # 404/503: the server does not proxy artifacts, nothing to check here
-        detail = " ".join(store.text.split())[:160]
-        raise XferError(f"{where}: the server cannot use its artifact store ({detail}); create the bucket or fix "
-                        "the server's --artifacts-destination and its S3 credentials")
+    try:  # an error of the artifact proxy comes as MLflow JSON (a server that proxies nothing has no such route)
+        problem = store.json().get("message") if store.status_code != 200 else None
+    except ValueError:
+        problem = None
+    if problem:
+        raise XferError(f"{where}: the server cannot use its artifact store ({' '.join(problem.split())[:160]}); "
+                        "create the bucket or fix the server's --artifacts-destination and its S3 credentials")
 
 
 def prepare_database(uri: str) -> None:

@@ -76,7 +76,12 @@ def experiment_tags() -> dict[str, str]:
             f"mlflow.sharedViewState.{VIEW}": json.dumps({"searchFilter": "", "selectedColumns": list(VIEW_COLUMNS)})}
 
 
-def view_url(experiment_id: str, server: str = "http://127.0.0.1:5000") -> str:
+def view_url(experiment_id: str, server: str | None = None) -> str:
+    """The leaderboard view in the MLflow UI: on the tracking server when MLFLOW_TRACKING_URI is one, else where
+    `mlflow ui` serves it."""
+    if server is None:
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     return f"{server}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW}"
 
 
