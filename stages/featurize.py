@@ -33,14 +33,16 @@ def main(cfg: DictConfig) -> None:
     import mlflow
 
     from xfer.backbones import backbone_cnn, build_base, set_precision
+    from xfer.distribute import distributed, strategy_for
     from xfer.runtime import seed_everything, set_jit, use_jit
 
+    strategy = strategy_for(cfg.runtime.strategy, cfg.runtime.jit)  # first: it may set up TensorFlow's devices
     seed_everything(cfg.seed, cfg.runtime.deterministic)
     b, f = cfg.backbone, cfg.featurize
     if f.dtype not in DTYPES:
         raise XferError(f"featurize.dtype: '{f.dtype}' is not one of {', '.join(DTYPES)}")
     precision = set_precision(cfg.runtime.precision)
-    with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]):
+    with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]), distributed(strategy):
         retry_locked(mlflow.log_param, "precision_used", precision)  # what runtime.precision=auto chose
         log_inputs(cfg, *SPLIT_NAMES)
         base = build_base(b, pooling=f.pooling)

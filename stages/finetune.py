@@ -73,18 +73,20 @@ def main(cfg: DictConfig) -> None:
     import mlflow
 
     from xfer.boundary import fit_plan
+    from xfer.distribute import check_loss_scaling, distributed, strategy_for
     from xfer.models import class_weights, compile_model, save_model, training_callbacks
     from xfer.runtime import progress_bar, seed_everything, use_jit, xla_errors
 
+    strategy = strategy_for(cfg.runtime.strategy, cfg.runtime.jit)  # first: it may set up TensorFlow's devices
     seed = int(cfg.seed)
     seed_everything(seed, cfg.runtime.deterministic)
     f = cfg.finetune
     if not HEAD_MODEL.is_file():
         raise XferError(f"{HEAD_MODEL} not found; run the train_head stage first")
-    head = keras.saving.load_model(str(HEAD_MODEL))
-    outputs = int(head.output_shape[-1])
-    n_classes = 2 if outputs == 1 else outputs
-    with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed", "runtime"]):
+    with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed", "runtime"]), distributed(strategy):
+        head = keras.saving.load_model(str(HEAD_MODEL))  # in the scope: its variables on every replica
+        outputs = int(head.output_shape[-1])
+        n_classes = 2 if outputs == 1 else outputs
         model, base = assemble(cfg, head, seed)
         retry_locked(mlflow.log_param, "precision_used", keras.mixed_precision.global_policy().compute_dtype)
         log_inputs(cfg, "train", "val")
@@ -97,6 +99,7 @@ def main(cfg: DictConfig) -> None:
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "finetune.csv") as curves:
             if f.enabled:
                 trainable = unfreeze_top(base, cfg.backbone.unfreeze_from)
+                check_loss_scaling(strategy)
                 jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
                 retry_locked(mlflow.log_param, "jit_used", jit)
                 plan = fit_plan(cfg, model, base, head,  # compiles after `trainable`

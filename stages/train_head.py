@@ -25,9 +25,11 @@ def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
+    from xfer.distribute import check_loss_scaling, distributed, strategy_for
     from xfer.models import build_head, class_weights, compile_model, save_model, training_callbacks
     from xfer.runtime import progress_bar, seed_everything, use_jit, xla_errors
 
+    strategy = strategy_for(cfg.runtime.strategy, cfg.runtime.jit)  # first: it may set up TensorFlow's devices
     seed_everything(cfg.seed, cfg.runtime.deterministic)
     h = cfg.head
     if not CLASSES.is_file():
@@ -35,9 +37,10 @@ def main(cfg: DictConfig) -> None:
     n_classes = len(read_json(CLASSES))
     x_train, y_train, views = load_training_features(cfg.backbone.name)
     x_val, y_val = load_features(cfg.backbone.name, "val")
-    with stage_run("train_head", cfg, ["head", "seed", "runtime"]):
+    with stage_run("train_head", cfg, ["head", "seed", "runtime"]), distributed(strategy):
         log_inputs(cfg, "train", "val")
         model = build_head(x_train.shape[1:], n_classes, h)
+        check_loss_scaling(strategy)
         jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
         retry_locked(mlflow.log_param, "jit_used", jit)
         compile_model(model, h, n_classes, steps_per_epoch=-(-len(x_train) // int(h.batch_size)), jit=jit)

@@ -51,7 +51,7 @@ def test_parallel_first_use_of_a_fresh_database(tmp_path):
     assert all(r.info.status == "FINISHED" and r.data.metrics["m"] == 4 for r in runs)
 
 
-def test_retry_locked_retries_only_a_locked_database(monkeypatch):
+def test_retry_locked_retries_only_a_parallel_writers_conflict(monkeypatch):
     monkeypatch.setattr("time.sleep", lambda s: None)
     calls = []
 
@@ -62,6 +62,15 @@ def test_retry_locked_retries_only_a_locked_database(monkeypatch):
         return x * 2
 
     assert retry_locked(flaky, 21) == 42 and len(calls) == 3
+
+    def raced():  # two stages setting the same experiment tag at once through a server on PostgreSQL
+        calls.append("r")
+        if calls.count("r") < 2:
+            raise RuntimeError('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
+                               'constraint "experiment_tag_pk"')
+        return "set"
+
+    assert retry_locked(raced) == "set" and calls.count("r") == 2
 
     def broken():
         calls.append("b")
