@@ -57,13 +57,14 @@ def unfreeze_top(base, boundary: str) -> int:
 def transplant_check(model, head, cfg: DictConfig) -> float:
     """Max |p_model(images) - p_head(cached features)| on featurize's first batch of validation images (the same
     batch shape, so the same kernels: exact in any precision)."""
+    from xfer.distribute import predict_on_batch
     from xfer.images import image_dataset
 
     x_val, y_val = load_features(cfg.backbone.name, "val")
     n = bs = int(cfg.featurize.batch_size)
     manifest = read_manifest("val").iloc[:n]
     ds = image_dataset(image_paths(manifest), manifest["label"].to_numpy(), int(cfg.backbone.image_size), bs)
-    p_model = np.concatenate([model.predict_on_batch(x) for x, _ in ds])
+    p_model = np.concatenate([predict_on_batch(model, x) for x, _ in ds])
     p_head = head.predict(np.asarray(x_val[:n]), verbose=0)
     return float(np.max(np.abs(p_model - p_head)))
 

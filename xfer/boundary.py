@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from xfer import XferError
 from xfer.backbones import backbone_cnn
+from xfer.distribute import predict_on_batch
 from xfer.views import view_batches
 
 
@@ -46,7 +47,7 @@ def activations(trunk: keras.Model, dataset) -> tuple[np.ndarray, np.ndarray]:
     """The trunk's output and the labels for every batch of an ``(images, labels)`` dataset, in order."""
     xs, ys = [], []
     for images, labels in dataset:
-        xs.append(np.asarray(trunk.predict_on_batch(images)))
+        xs.append(np.asarray(predict_on_batch(trunk, images)))
         ys.append(np.asarray(labels))
     return np.concatenate(xs), np.concatenate(ys)
 

@@ -85,14 +85,14 @@ def strategy_name(strategy) -> str:
 @contextmanager
 def distributed(strategy) -> Iterator[object]:
     """Log ``strategy_used`` and ``replicas`` to the active MLflow run and run the body inside the strategy's
-    scope (create models and optimizers, load weights there) with :func:`sharded_predict_on_batch`."""
+    scope (create models and optimizers, load weights there; predict with :func:`predict_on_batch`)."""
     import mlflow
 
     from xfer.store import retry_locked
 
     replicas = int(strategy.num_replicas_in_sync)
     retry_locked(mlflow.log_params, {"strategy_used": strategy_name(strategy), "replicas": replicas})
-    with strategy.scope(), sharded_predict_on_batch():
+    with strategy.scope():
         yield strategy
 
 
@@ -108,34 +108,19 @@ def check_loss_scaling(strategy) -> None:
                         "featurize")
 
 
-@contextmanager
-def sharded_predict_on_batch() -> Iterator[None]:
-    """Make ``Model.predict_on_batch`` split each batch over the replicas of a model built under a strategy of
-    several: Keras 3 gives every replica the whole batch and concatenates the copies (N times the rows). Models
-    of one replica run Keras's own method."""
-    import keras
+def predict_on_batch(model, x):
+    """``model.predict_on_batch(x)``, with the batch split over the replicas when the model was built under a
+    strategy of several: Keras 3 gives every replica the whole batch and concatenates the copies (N times the
+    rows). Contiguous shards in replica order, so the rows keep the batch's order."""
     import numpy as np
     import tensorflow as tf
 
-    own = "predict_on_batch" in vars(keras.Model)
-    keras_method = keras.Model.predict_on_batch
-
-    def predict_on_batch(model, x):
-        strategy = model.distribute_strategy
-        n = strategy.num_replicas_in_sync
-        if n == 1 or isinstance(x, tf.distribute.DistributedValues):
-            return keras_method(model, x)
-        x = tf.convert_to_tensor(x)
-        cuts = np.linspace(0, int(x.shape[0]), n + 1).astype(int)  # contiguous shards, in replica order
-        shards = strategy.experimental_distribute_values_from_function(
-            lambda ctx: x[cuts[ctx.replica_id_in_sync_group] : cuts[ctx.replica_id_in_sync_group + 1]])
-        return keras_method(model, shards)
-
-    keras.Model.predict_on_batch = predict_on_batch
-    try:
-        yield
-    finally:
-        if own:
-            keras.Model.predict_on_batch = keras_method
-        else:
-            del keras.Model.predict_on_batch
+    strategy = model.distribute_strategy
+    n = strategy.num_replicas_in_sync
+    if n == 1 or isinstance(x, tf.distribute.DistributedValues):
+        return model.predict_on_batch(x)
+    x = tf.convert_to_tensor(x)
+    cuts = np.linspace(0, int(x.shape[0]), n + 1).astype(int)
+    shards = strategy.experimental_distribute_values_from_function(
+        lambda ctx: x[cuts[ctx.replica_id_in_sync_group] : cuts[ctx.replica_id_in_sync_group + 1]])
+    return model.predict_on_batch(shards)

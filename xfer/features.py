@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from xfer.distribute import predict_on_batch
 from xfer.signals import raise_if_interrupted
 
 BASE_WEIGHTS = "base.weights.h5"
@@ -33,7 +34,7 @@ def featurize_split(base, paths: list[str], labels: np.ndarray, out: Path, split
             for images, _ in ds:
                 if augment is not None:
                     images = augment(images, training=True)
-                batch = base.predict_on_batch(images)
+                batch = predict_on_batch(base, images)
                 feats[row : row + len(batch)] = batch
                 row += len(batch)
                 bar.update(len(batch))
