@@ -80,7 +80,8 @@ def team_stack():
     ports = dict(zip(xstack.SERVICES, svc.free_ports(3), strict=True))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XFER_STACK_", "AWS_", "MLFLOW_"))}
     env.update({xstack.port_env(s): str(p) for s, p in ports.items()},
-               XFER_STACK_DIR=str(folder), XFER_STACK_MLFLOW_WORKERS="1", MLFLOW_DISABLE_TELEMETRY="true")
+               XFER_STACK_DIR=str(folder), XFER_STACK_MLFLOW_WORKERS="1", MLFLOW_DISABLE_TELEMETRY="true",
+               XFER_STACK_STOP_TIMEOUT="3")  # no 15 s drain of weed's idle streams: the data must survive a kill
 
     def cli(*args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "xfer.stack", *args], capture_output=True, text=True, env=env,

@@ -26,7 +26,7 @@ WEED_PORTS = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_
 SECRETS = {"XFER_STACK_DB_PASSWORD": None, "XFER_STACK_S3_ACCESS_KEY": "AWS_ACCESS_KEY_ID",
            "XFER_STACK_S3_SECRET_KEY": "AWS_SECRET_ACCESS_KEY", "XFER_STACK_ADMIN_PASSWORD": None,
            "XFER_STACK_FLASK_SECRET_KEY": None}
-STOP_TIMEOUT = 30  # weed's filer waits 15 s for its gRPC streams before it exits
+STOP_TIMEOUT = 30  # s `down` waits before SIGKILL ($XFER_STACK_STOP_TIMEOUT); weed's filer drains its gRPC streams 15 s
 
 
 def port_env(service: str) -> str:
@@ -204,7 +204,7 @@ def down(folder: Path) -> list[str]:
         svc.terminate_group(pid)
     if running["postgres"]:
         stack.postgres().stop()  # while weed drains its streams
-    svc.wait_gone(pids, STOP_TIMEOUT)
+    svc.wait_gone(pids, float(os.environ.get("XFER_STACK_STOP_TIMEOUT", STOP_TIMEOUT)))
     svc.remove_weed_sockets(stack.ports)
     stack.procs = {}
     stack.save()
