@@ -55,10 +55,11 @@ def check_server(uri: str) -> None:
     import requests
 
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    auth, api = ((user, password or "") if user else None), f"{uri.rstrip('/')}/api/2.0"
     where = f"MLFLOW_TRACKING_URI={uri}"
     try:
-        answer = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
-                              auth=(user, password or "") if user else None, timeout=SERVER_TIMEOUT_S)
+        answer = requests.get(f"{api}/mlflow/experiments/search", params={"max_results": 1}, auth=auth,
+                              timeout=SERVER_TIMEOUT_S)
         if answer.status_code in (401, 403):
             given = "were refused" if user else "are needed"
             raise XferError(f"{where}: the server's credentials {given} (HTTP {answer.status_code}); set "
@@ -66,8 +67,7 @@ def check_server(uri: str) -> None:
         if answer.status_code != 200:
             raise XferError(f"{where}: not an MLflow server (HTTP {answer.status_code} from its REST API); "
                             "check the URL")
-        store = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts",
-                             auth=(user, password or "") if user else None, timeout=SERVER_TIMEOUT_S)
+        store = requests.get(f"{api}/mlflow-artifacts/artifacts", auth=auth, timeout=SERVER_TIMEOUT_S)
     except requests.RequestException as exc:
         raise XferError(f"{where}: no MLflow server answers ({type(exc).__name__}); start it (`python -m "
                         "xfer.stack up` for the local team stack) or unset MLFLOW_TRACKING_URI to use "
