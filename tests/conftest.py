@@ -155,3 +155,13 @@ def assert_features_close(actual, expected, dtype: str = "float32") -> None:
     scale = float(np.max(np.abs(expected))) or 1.0
     atol = (FLOAT32_ATOL + (FLOAT16_ULP if dtype == "float16" else 0.0)) * scale
     np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=0, atol=atol)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end module first: with ``-n`` (pyproject's addopts) its minutes then overlap the other files."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, at most 4 (each worker's TensorFlow uses every core already)."""
+    return max(1, min(os.cpu_count() or 1, 4))
