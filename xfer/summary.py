@@ -251,8 +251,8 @@ def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, statu
     now = int(time.time() * 1000)
     new = [Metric(k, v, now, 0) for k, v in values.items() if run.data.metrics.get(k) != v]
     # Totals grow stage by stage: one point per stage (its place in the pipeline), the last one is the total.
-    totals = {"pipeline_seconds": sum(float(records[s].get("seconds", 0)) for s in ran),
-              "from_scratch_seconds": sum(float(r.get("seconds", 0)) for r in records.values()),
+    totals = {"pipeline_seconds": round(sum(float(records[s].get("seconds", 0)) for s in ran), 2),
+              "from_scratch_seconds": round(sum(float(r.get("seconds", 0)) for r in records.values()), 2),
               "cached_stage_count": len(cached)}
     new += [Metric(k, v, now, STAGES.index(stage)) for k, v in totals.items()]
     params = {"data_sha256": data_sha256(),
