@@ -120,3 +120,30 @@ def test_a_tracking_server_that_does_not_answer_is_one_line(tmp_path):
     assert "python -m xfer.stack up" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     with pytest.raises(XferError, match="no MLflow server answers"):
         prepare_database(f"http://127.0.0.1:{port}")  # what every stage calls first
+
+
+def test_a_stage_that_loses_the_experiment_creation_race_logs_into_that_experiment(project, monkeypatch):
+    """Two queued experiments' first stages create the experiment at the same moment (on a tracking server). The
+    loser's create fails with RESOURCE_ALREADY_EXISTS; MLflow's own ``set_experiment(name)`` then returns the
+    experiment without selecting it, and the stage's run went to the Default experiment (found by the e2e queue)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    from xfer.config import load_params
+    from xfer.tracking import stage_run
+
+    real_create = TrackingServiceClient.create_experiment  # under both MlflowClient and mlflow.set_experiment
+
+    def parallel_winner(self, name, *args, **kwargs):
+        real_create(self, name, *args, **kwargs)  # the other stage's create lands first
+        raise MlflowException(f"Experiment(name={name}) already exists.", error_code=RESOURCE_ALREADY_EXISTS)
+
+    monkeypatch.setattr(TrackingServiceClient, "create_experiment", parallel_winner)
+    monkeypatch.setenv("XFER_PIPELINE_ID", "race")
+    cfg = load_params(["data=synthetic"])
+    with stage_run("split", cfg, ["split"]) as run:
+        pass
+    experiment = mlflow.MlflowClient().get_experiment_by_name("synthetic")
+    assert run.info.experiment_id == experiment.experiment_id != "0"

@@ -90,20 +90,25 @@ def experiment_name(cfg: DictConfig) -> str:
 
 
 def set_experiment(name: str, artifacts: str | None) -> str:
-    """Select (creating if needed) the experiment. With our own database, artifacts go to ``artifacts``
-    (<repo root>/mlruns/artifacts), not to a path relative to the (possibly temporary) working directory.
-    Returns the experiment id."""
+    """Select (creating if needed) the experiment and return its id. With our own database, artifacts go to
+    ``artifacts`` (<repo root>/mlruns/artifacts), not to a path relative to the (possibly temporary) working
+    directory. Selected by id: ``mlflow.set_experiment(name)`` that loses a creation race to a parallel stage
+    returns the experiment without selecting it, and that stage's run would land in the Default experiment."""
     import mlflow
 
-    if artifacts and mlflow.get_experiment_by_name(name) is None:
+    client = mlflow.MlflowClient()
+    experiment = retry_locked(client.get_experiment_by_name, name)
+    if experiment is None:
         try:
-            mlflow.create_experiment(name, artifact_location=artifacts)
+            retry_locked(client.create_experiment, name, artifact_location=artifacts)
         except mlflow.exceptions.MlflowException:
-            pass  # created meanwhile by a parallel run
-    experiment = retry_locked(mlflow.set_experiment, name)
+            if retry_locked(client.get_experiment_by_name, name) is None:
+                raise
+        experiment = retry_locked(client.get_experiment_by_name, name)  # ours, or a parallel stage's
+    experiment = retry_locked(mlflow.set_experiment, experiment_id=experiment.experiment_id)
     missing = {k: v for k, v in experiment_tags().items() if k not in experiment.tags}
     for key, value in missing.items():
-        retry_locked(mlflow.MlflowClient().set_experiment_tag, experiment.experiment_id, key, value)
+        retry_locked(client.set_experiment_tag, experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 
@@ -179,7 +184,7 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
             else f"{stage}-{cfg.backbone.name}")
     started = time.perf_counter()
     try:
-        with retry_locked(mlflow.start_run, run_name=name, tags=tags) as run:
+        with retry_locked(mlflow.start_run, experiment_id=experiment_id, run_name=name, tags=tags) as run:
             params = {}
             for section in sections:
                 params.update(flatten(OmegaConf.select(cfg, section), section))
