@@ -8,11 +8,15 @@ reports/metrics/download.json (the kept and dropped counts).
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -27,6 +31,7 @@ from xfer.store import retry_locked
 from xfer.tracking import stage_run
 
 REPORT = REPORTS / "download.json"
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _check(job: tuple[str, str, int]) -> tuple[str, str, str]:
@@ -37,11 +42,35 @@ def _check(job: tuple[str, str, int]) -> tuple[str, str, str]:
     return src, dst, reason
 
 
-def worker_pool():
+def _quiet_worker() -> None:
+    """A pool worker leaves signals to the stage: Ctrl-C ignored, SIGTERM (``Pool.terminate``) simply ends it.
+    With the stage's handler inherited, a worker could turn that SIGTERM into an exception while it waits for the
+    queue lock the terminating pool holds, and ``terminate`` then waited for it forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextmanager
+def worker_pool() -> Iterator[multiprocessing.pool.Pool]:
     """Processes for :func:`import_folder`. Forked only while this process has no other thread (a fork copies
-    locks other threads hold, e.g. MLflow's, and a worker can then hang forever), else spawned."""
+    locks other threads hold, e.g. MLflow's, and a worker can then hang forever), else spawned. Signals are
+    blocked while the workers start, so none reaches a worker before it has dropped the stage's handlers; the
+    pool is closed and joined after success, terminated after an error or a signal."""
     method = "fork" if threading.active_count() == 1 else "spawn"
-    return multiprocessing.get_context(method).Pool(os.cpu_count() or 1)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pool = multiprocessing.get_context(method).Pool(os.cpu_count() or 1, initializer=_quiet_worker)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def import_folder(src_root: Path, out: Path, min_side: int, pool) -> tuple[list[str], dict]:

@@ -330,3 +330,35 @@ def test_validation_workers_are_forked_only_from_a_single_threaded_process():
             "with worker_pool() as p: print(p._ctx.get_start_method())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["fork", "spawn"]
+
+
+def test_validation_workers_drop_the_stage_signal_handlers():
+    """A worker that inherited the stage's SIGTERM handler could turn ``Pool.terminate``'s SIGTERM into an exception
+    while waiting for the queue lock, and the stage then waited for it forever (seen in CI: a demo `download` hung
+    15 minutes). Workers ignore Ctrl-C, die of SIGTERM, block neither; a pool torn down right after it started, a
+    thousand times with the stage's handlers installed, never hangs."""
+    import signal
+    import subprocess
+    import sys
+
+    from stages.download import worker_pool
+    from xfer import signals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        signals.install()
+        with worker_pool() as p:
+            assert p.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+            assert p.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
+            assert not {signal.SIGINT, signal.SIGTERM} & p.apply(signal.pthread_sigmask, (signal.SIG_BLOCK, []))
+        assert signal.getsignal(signal.SIGTERM) == signals._on_signal  # the stage's own handler is kept
+        assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+
+    code = ("from stages.download import worker_pool\nfrom xfer import signals\nsignals.install()\n"
+            "for _ in range(1000):\n    try:\n        with worker_pool():\n            raise ValueError\n"
+            "    except ValueError:\n        pass\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    assert out.stdout.split() == ["ok"], out.stderr[-2000:]
