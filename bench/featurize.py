@@ -4,7 +4,7 @@ usage: python bench/featurize.py speed [--images 256] [--size 180] [--photo 500x
        python bench/featurize.py memory [--images 20000] [--size 64]
        python bench/featurize.py precision [--images 64] [--size 180]
 speed:     (a) bare ``base.predict_on_batch`` on pre-decoded, pre-resized float32 batches in memory versus
-           (b) ``xfer.features.featurize_split`` (JPEG files -> tf.data decode/resize/batch/prefetch -> model ->
+           (b) ``xfer.nets.features.featurize_split`` (JPEG files -> tf.data decode/resize/batch/prefetch -> model ->
            memory-mapped .npy) on the same images; runs alternate a, b, a, b, ... after a warm-up.
            Goal: b / a >= 0.95 for VGG16 at 180 px on 2 cores.
 memory:    featurize_split over N generated JPEGs; peak RSS (ru_maxrss) plus sampled peak RssAnon / RssFile
@@ -32,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xfer.images import synthetic_image  # noqa: E402
+from xfer.data.images import synthetic_image  # noqa: E402
 
 GB = 1024**3
 
@@ -61,7 +61,7 @@ def write_jpegs(folder: Path, n: int, photo: tuple[int, int], seed: int = 0) -> 
 
 def decode_all(paths: list[str], size: int) -> np.ndarray:
     """The exact tensors featurize sees (same decode and resize), stacked in memory."""
-    from xfer.images import decode_and_resize
+    from xfer.data.images import decode_and_resize
 
     return np.stack([decode_and_resize(p, size).numpy() for p in paths])
 
@@ -96,8 +96,8 @@ def summary(name: str, runs: list[float], busy: list[float]) -> str:
 def speed(args: argparse.Namespace) -> None:
     import keras
 
-    from xfer.backbones import build_base
-    from xfer.features import featurize_split
+    from xfer.nets.backbones import build_base
+    from xfer.nets.features import featurize_split
 
     base = build_base(backbone_cfg(args.backbone, args.size))
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,8 +146,8 @@ class PeakRss:
 
 
 def memory(args: argparse.Namespace) -> None:
-    from xfer.backbones import build_base
-    from xfer.features import featurize_split
+    from xfer.nets.backbones import build_base
+    from xfer.nets.features import featurize_split
 
     base = build_base(backbone_cfg(args.backbone, args.size))
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,7 +169,7 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 
 
 def precision(args: argparse.Namespace) -> None:
-    from xfer.backbones import backbone_cnn, build_base, set_precision
+    from xfer.nets.backbones import backbone_cnn, build_base, set_precision
 
     cfg = backbone_cfg(args.backbone, args.size)
     bases = {}

@@ -32,14 +32,14 @@ def main() -> None:
 
     import keras
 
-    from xfer.runtime import seed_everything
+    from xfer.core.runtime import seed_everything
 
     seed_everything(0, args.deterministic)
 
     from stages.finetune import unfreeze_top
-    from xfer.backbones import build_base
-    from xfer.images import image_dataset, synthetic_image
-    from xfer.models import augmentation, build_head, compile_model
+    from xfer.data.images import image_dataset, synthetic_image
+    from xfer.nets.backbones import build_base
+    from xfer.nets.models import augmentation, build_head, compile_model
 
     bcfg = OmegaConf.load(ROOT / "conf/backbone" / f"{args.backbone}.yaml")
     bcfg.weights, bcfg.image_size = None, args.size

@@ -32,10 +32,10 @@ def measure(task: str, args, jit: bool) -> dict:
     from omegaconf import OmegaConf
 
     from stages.finetune import unfreeze_top
-    from xfer.backbones import build_base
-    from xfer.boundary import split_base
-    from xfer.models import augmentation, build_head, compile_model
-    from xfer.runtime import seed_everything, set_jit
+    from xfer.core.runtime import seed_everything, set_jit
+    from xfer.nets.backbones import build_base
+    from xfer.nets.boundary import split_base
+    from xfer.nets.models import augmentation, build_head, compile_model
 
     seed_everything(0, args.deterministic)
     bcfg = OmegaConf.load(ROOT / "conf/backbone" / f"{args.backbone}.yaml")

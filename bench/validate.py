@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.download import import_folder, worker_pool  # noqa: E402
-from xfer.fetch import class_root, extract  # noqa: E402
+from xfer.data.fetch import class_root, extract  # noqa: E402
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def prepare(args) -> tuple[Path, dict]:
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, proj / name)
     composed = [f"experiment={args.preset}", f"data.url={Path(args.archive).resolve()}",
                 f"split.train={args.split[0]}", f"split.val={args.split[1]}", f"split.test={args.split[2]}"]
-    sh([sys.executable, "-m", "xfer.params", *composed], proj, env)
+    sh([sys.executable, "-m", "xfer", "params", *composed], proj, env)
     from omegaconf import OmegaConf
 
     target = proj / OmegaConf.load(proj / "params.yaml").backbone.weights

@@ -22,13 +22,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.config import require, run_cli
-from xfer.data import CLASSES, IMAGES, METRICS, RAW, REPORTS
-from xfer.fetch import class_root, extract, fetch
-from xfer.files import atomic_dir, write_json
-from xfer.images import normalise_image, write_synthetic
-from xfer.store import retry_locked
-from xfer.tracking import stage_run
+from xfer.core.config import require, run_cli
+from xfer.core.files import atomic_dir, write_json
+from xfer.core.retry import retry_locked
+from xfer.data.fetch import class_root, extract, fetch
+from xfer.data.images import normalise_image, write_synthetic
+from xfer.data.paths import CLASSES, IMAGES, METRICS, RAW, REPORTS
+from xfer.track.runs import stage_run
 
 REPORT = REPORTS / "download.json"
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}

@@ -20,8 +20,10 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.config import run_cli
-from xfer.data import (
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_path, read_json, write_json
+from xfer.core.retry import retry_locked
+from xfer.data.paths import (
     CLASSES,
     FINAL_MODEL,
     HEAD_MODEL,
@@ -32,11 +34,9 @@ from xfer.data import (
     load_features,
     read_manifest,
 )
-from xfer.figures import confusion_figure, log_figure, roc_figure
-from xfer.files import atomic_path, read_json, write_json
-from xfer.metrics import as_matrix, classification_metrics, roc_points
-from xfer.store import retry_locked
-from xfer.tracking import log_inputs, stage_run
+from xfer.track.figures import confusion_figure, log_figure, roc_figure
+from xfer.track.metrics import as_matrix, classification_metrics, roc_points
+from xfer.track.runs import log_inputs, stage_run
 
 MISCLASSIFIED, CORRECT = REPORTS / "misclassified.png", REPORTS / "correct.png"
 REPORT = REPORTS / "evaluate.json"
@@ -49,8 +49,8 @@ def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
-    from xfer.gradcam import explain_images
-    from xfer.serving import Predictor, check_tta, register, registered_name
+    from xfer.nets.gradcam import explain_images
+    from xfer.nets.serving import Predictor, check_tta, register, registered_name
 
     try:
         tta = check_tta(cfg.evaluate.tta)

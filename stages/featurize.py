@@ -15,13 +15,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.config import run_cli
-from xfer.data import METRICS, SPLIT_NAMES, feature_dir, image_paths, read_manifest
-from xfer.features import BASE_WEIGHTS, DTYPES, featurize_split
-from xfer.fetch import sha256_of
-from xfer.files import atomic_dir, write_json
-from xfer.store import retry_locked
-from xfer.tracking import log_inputs, stage_run
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_dir, write_json
+from xfer.core.retry import retry_locked
+from xfer.data.fetch import sha256_of
+from xfer.data.paths import METRICS, SPLIT_NAMES, feature_dir, image_paths, read_manifest
+from xfer.nets.features import BASE_WEIGHTS, DTYPES, featurize_split
+from xfer.track.runs import log_inputs, stage_run
 
 
 def weights_sha256(weights: str | None) -> str | None:
@@ -32,9 +32,9 @@ def weights_sha256(weights: str | None) -> str | None:
 def main(cfg: DictConfig) -> None:
     import mlflow
 
-    from xfer.backbones import backbone_cnn, build_base, set_precision
-    from xfer.distribute import distributed, strategy_for
-    from xfer.runtime import seed_everything, set_jit, use_jit
+    from xfer.core.distribute import distributed, strategy_for
+    from xfer.core.runtime import seed_everything, set_jit, use_jit
+    from xfer.nets.backbones import backbone_cnn, build_base, set_precision
 
     strategy = strategy_for(cfg.runtime.strategy, cfg.runtime.jit)  # first: it may set up TensorFlow's devices
     seed_everything(cfg.seed, cfg.runtime.deterministic)

@@ -5,7 +5,7 @@ The model is input -> augmentation -> the backbone's preprocess_input -> the bas
 the feature cache (called with training=False, so BatchNorm stays frozen) -> the trained head.
 Before training it checks that the assembled model reproduces the head's validation predictions. Each epoch
 validates through the trainable top only, on the validation images' activations at backbone.unfreeze_from,
-computed once (xfer.boundary; the whole model on images where a residual connection bypasses that layer).
+computed once (xfer.nets.boundary; the whole model on images where a residual connection bypasses that layer).
 Outputs models/model.keras (byte-reproducible), reports/metrics/finetune.json, reports/plots/finetune.csv.
 """
 
@@ -19,12 +19,12 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.config import run_cli
-from xfer.data import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, image_paths, load_features, read_manifest
-from xfer.figures import log_figure, training_curves
-from xfer.files import atomic_path, write_json
-from xfer.store import retry_locked
-from xfer.tracking import epoch_logger, fit_metrics, log_inputs, stage_run
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_path, write_json
+from xfer.core.retry import retry_locked
+from xfer.data.paths import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, image_paths, load_features, read_manifest
+from xfer.track.figures import log_figure, training_curves
+from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
 
 TRANSPLANT_TOLERANCE = 1e-3
 
@@ -33,8 +33,8 @@ def assemble(cfg: DictConfig, head, seed: int):
     """Image model: augmentation -> preprocessing -> base (cache weights, inference mode) -> head."""
     import keras
 
-    from xfer.backbones import cached_base
-    from xfer.models import augmentation
+    from xfer.nets.backbones import cached_base
+    from xfer.nets.models import augmentation
 
     base, _ = cached_base(cfg.backbone)
     base.trainable = False
@@ -48,7 +48,7 @@ def assemble(cfg: DictConfig, head, seed: int):
 
 def unfreeze_top(base, boundary: str) -> int:
     """Make the backbone trainable from ``boundary`` on, BatchNorm excluded; return the unfrozen layer count."""
-    from xfer.backbones import backbone_cnn, unfreeze_from
+    from xfer.nets.backbones import backbone_cnn, unfreeze_from
 
     base.trainable = True  # recursive; unfreeze_from then re-freezes below the boundary and every BatchNorm
     return unfreeze_from(backbone_cnn(base), boundary)
@@ -57,8 +57,8 @@ def unfreeze_top(base, boundary: str) -> int:
 def transplant_check(model, head, cfg: DictConfig) -> float:
     """Max |p_model(images) - p_head(cached features)| on featurize's first batch of validation images (the same
     batch shape, so the same kernels: exact in any precision)."""
-    from xfer.distribute import predict_on_batch
-    from xfer.images import image_dataset
+    from xfer.core.distribute import predict_on_batch
+    from xfer.data.images import image_dataset
 
     x_val, y_val = load_features(cfg.backbone.name, "val")
     n = bs = int(cfg.featurize.batch_size)
@@ -73,10 +73,10 @@ def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
-    from xfer.boundary import fit_plan
-    from xfer.distribute import check_loss_scaling, distributed, strategy_for
-    from xfer.models import class_weights, compile_model, save_model, training_callbacks
-    from xfer.runtime import progress_bar, seed_everything, use_jit, xla_errors
+    from xfer.core.distribute import check_loss_scaling, distributed, strategy_for
+    from xfer.core.runtime import progress_bar, seed_everything, use_jit, xla_errors
+    from xfer.nets.boundary import fit_plan
+    from xfer.nets.models import class_weights, compile_model, save_model, training_callbacks
 
     strategy = strategy_for(cfg.runtime.strategy, cfg.runtime.jit)  # first: it may set up TensorFlow's devices
     seed = int(cfg.seed)

@@ -18,14 +18,14 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.config import run_cli
-from xfer.data import CLASSES, METRICS, MODELS, PLOTS, REPORTS, RUNS, image_paths, read_manifest
-from xfer.figures import confusion_figure, log_figure, roc_figure, training_curves
-from xfer.files import atomic_path, read_json, write_json
-from xfer.metrics import classification_metrics, roc_points
-from xfer.store import retry_locked
-from xfer.summary import scratch_digest
-from xfer.tracking import epoch_logger, fit_metrics, log_inputs, stage_run
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_path, read_json, write_json
+from xfer.core.retry import retry_locked
+from xfer.data.paths import CLASSES, METRICS, MODELS, PLOTS, REPORTS, RUNS, image_paths, read_manifest
+from xfer.track.figures import confusion_figure, log_figure, roc_figure, training_curves
+from xfer.track.metrics import classification_metrics, roc_points
+from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
+from xfer.track.summary import scratch_digest
 
 OUT_MODELS, OUT_IMAGES = MODELS / "scratch", REPORTS / "scratch"
 REPORT, CURVES = REPORTS / "scratch.json", PLOTS / "scratch.csv"
@@ -57,13 +57,13 @@ def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
-    from xfer.backbones import set_precision
-    from xfer.gradcam import explain_images
-    from xfer.images import image_dataset
-    from xfer.models import class_weights, compile_model, save_model, training_callbacks
-    from xfer.runtime import progress_bar, seed_everything, use_jit, xla_errors
-    from xfer.scratch import build_scratch
-    from xfer.serving import Predictor, check_tta
+    from xfer.core.runtime import progress_bar, seed_everything, use_jit, xla_errors
+    from xfer.data.images import image_dataset
+    from xfer.nets.backbones import set_precision
+    from xfer.nets.gradcam import explain_images
+    from xfer.nets.models import class_weights, compile_model, save_model, training_callbacks
+    from xfer.nets.scratch import build_scratch
+    from xfer.nets.serving import Predictor, check_tta
 
     try:
         tta = check_tta(cfg.evaluate.tta)

@@ -16,11 +16,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils import shuffle
 
 from xfer import XferError
-from xfer.config import run_cli
-from xfer.data import CLASSES, IMAGES, REPORTS, SPLIT_NAMES, SPLITS
-from xfer.files import atomic_dir, read_json, write_json
-from xfer.store import retry_locked
-from xfer.tracking import log_inputs, stage_run
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_dir, read_json, write_json
+from xfer.core.retry import retry_locked
+from xfer.data.paths import CLASSES, IMAGES, REPORTS, SPLIT_NAMES, SPLITS
+from xfer.track.runs import log_inputs, stage_run
 
 
 def list_images() -> pd.DataFrame:

@@ -13,21 +13,21 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.config import run_cli
-from xfer.data import CLASSES, HEAD_MODEL, METRICS, PLOTS, load_features, load_training_features
-from xfer.figures import log_figure, training_curves
-from xfer.files import atomic_path, read_json, write_json
-from xfer.store import retry_locked
-from xfer.tracking import epoch_logger, fit_metrics, log_inputs, stage_run
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_path, read_json, write_json
+from xfer.core.retry import retry_locked
+from xfer.data.paths import CLASSES, HEAD_MODEL, METRICS, PLOTS, load_features, load_training_features
+from xfer.track.figures import log_figure, training_curves
+from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
 
 
 def main(cfg: DictConfig) -> None:
     import keras
     import mlflow
 
-    from xfer.distribute import check_loss_scaling, distributed, strategy_for
-    from xfer.models import build_head, class_weights, compile_model, save_model, training_callbacks
-    from xfer.runtime import progress_bar, seed_everything, use_jit, xla_errors
+    from xfer.core.distribute import check_loss_scaling, distributed, strategy_for
+    from xfer.core.runtime import progress_bar, seed_everything, use_jit, xla_errors
+    from xfer.nets.models import build_head, class_weights, compile_model, save_model, training_callbacks
 
     strategy = strategy_for(cfg.runtime.strategy, cfg.runtime.jit)  # first: it may set up TensorFlow's devices
     seed_everything(cfg.seed, cfg.runtime.deterministic)

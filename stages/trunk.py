@@ -4,7 +4,7 @@ enter backbone.unfreeze_from), cached, so that fine-tuning trains the top of the
 K = finetune.trunk_views; with 0 fine-tuning trains on images, and the stage (like with finetune.enabled=false)
 writes an empty cache at once, without loading TensorFlow.
 
-Same mechanism as the views stage (xfer.views: finetune.augment layers, seeded), stored as float16.
+Same mechanism as the views stage (xfer.nets.views: finetune.augment layers, seeded), stored as float16.
 Outputs data/trunk/<backbone>/: train_features.npy (K x n rows), train_labels.npy, train_paths.txt, meta.json.
 """
 
@@ -14,11 +14,11 @@ import sys
 
 from omegaconf import DictConfig
 
-from xfer.config import run_cli
-from xfer.data import trunk_dir
-from xfer.files import atomic_dir, write_json
-from xfer.tracking import stage_run
-from xfer.views import cache_training_views, check_views
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_dir, write_json
+from xfer.data.paths import trunk_dir
+from xfer.nets.views import cache_training_views, check_views
+from xfer.track.runs import stage_run
 
 
 def main(cfg: DictConfig) -> None:
@@ -29,9 +29,9 @@ def main(cfg: DictConfig) -> None:
         meta = {"backbone": name, "boundary": boundary, "views": k, "images": 0}
         with atomic_dir(trunk_dir(name)) as tmp:
             if k:
-                from xfer.backbones import backbone_cnn, cached_base, unfreeze_from
-                from xfer.boundary import split_base
-                from xfer.runtime import import_tensorflow, seed_everything
+                from xfer.core.runtime import import_tensorflow, seed_everything
+                from xfer.nets.backbones import backbone_cnn, cached_base, unfreeze_from
+                from xfer.nets.boundary import split_base
 
                 import_tensorflow()
                 seed_everything(cfg.seed, cfg.runtime.deterministic)

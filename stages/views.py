@@ -3,7 +3,7 @@ so that the head learns from augmented data at feature-extraction cost (the book
 augmentation" without running the backbone every epoch). K = featurize.train_views; with 0 (the default) the
 stage writes an empty cache at once, without loading TensorFlow.
 
-The augmentation is fine-tuning's (finetune.augment layers, seeded); the mechanism is xfer.views, shared with the
+The augmentation is fine-tuning's (finetune.augment layers, seeded); the mechanism is xfer.nets.views, shared with the
 trunk stage. Outputs data/views/<backbone>/: train_features.npy (K x n rows: view v of image i at row v * n + i),
 train_labels.npy, train_paths.txt, meta.json. Validation and test features stay un-augmented (featurize).
 """
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from xfer.config import run_cli
-from xfer.data import views_dir
-from xfer.files import atomic_dir, write_json
-from xfer.tracking import stage_run
-from xfer.views import cache_training_views, check_views
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_dir, write_json
+from xfer.data.paths import views_dir
+from xfer.nets.views import cache_training_views, check_views
+from xfer.track.runs import stage_run
 
 
 def main(cfg: DictConfig) -> None:
@@ -26,8 +26,8 @@ def main(cfg: DictConfig) -> None:
         meta = {"backbone": name, "views": k, "images": 0}
         with atomic_dir(views_dir(name)) as tmp:
             if k:
-                from xfer.backbones import cached_base
-                from xfer.runtime import import_tensorflow, seed_everything
+                from xfer.core.runtime import import_tensorflow, seed_everything
+                from xfer.nets.backbones import cached_base
 
                 import_tensorflow()
                 seed_everything(cfg.seed, cfg.runtime.deterministic)

@@ -69,12 +69,12 @@ def project(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def team_stack():
-    """The local team stack (``python -m xfer.stack up``: PostgreSQL, SeaweedFS, mlflow server) on free 127.0.0.1
+    """The local team stack (``xfer stack up``: PostgreSQL, SeaweedFS, mlflow server) on free 127.0.0.1
     ports, shared by the e2e team test and tests/test_stack.py (which ends by stopping it). Its folder is in /tmp:
     the postgres system user cannot enter pytest's mode-700 tmp dirs. ``env``: the CLI's environment;
-    ``client_env``: what `python -m xfer.stack env` exports; ``dvc_remote``: the dvc commands `up` prints."""
-    from xfer import stack as xstack
-    from xfer import stack_services as svc
+    ``client_env``: what `xfer stack env` exports; ``dvc_remote``: the dvc commands `up` prints."""
+    from xfer.stack import control as xstack
+    from xfer.stack import services as svc
 
     folder = Path(tempfile.mkdtemp(prefix="xfer-stack-", dir="/tmp"))
     ports = dict(zip(xstack.SERVICES, svc.free_ports(3), strict=True))
@@ -84,7 +84,7 @@ def team_stack():
                XFER_STACK_STOP_TIMEOUT="3")  # no 15 s drain of weed's idle streams: the data must survive a kill
 
     def cli(*args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "xfer.stack", *args], capture_output=True, text=True, env=env,
+        proc = subprocess.run([sys.executable, "-m", "xfer", "stack", *args], capture_output=True, text=True, env=env,
                               cwd=REPO, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
@@ -96,7 +96,7 @@ def team_stack():
         yield {"dir": folder, "ports": ports, "env": env, "cli": cli, "url": f"http://127.0.0.1:{ports['mlflow']}",
                "client_env": client_env, "dvc_remote": dvc_remote}
     finally:
-        subprocess.run([sys.executable, "-m", "xfer.stack", "down"], env=env, cwd=REPO, timeout=600)
+        subprocess.run([sys.executable, "-m", "xfer", "stack", "down"], env=env, cwd=REPO, timeout=600)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -117,7 +117,7 @@ def tiny_project(folder: Path, stages: list[str], pipeline_id: str, extra: Seque
                  ) -> Iterator[tuple[Path, object]]:
     """A copy of the project (working directory, own MLflow database) with ``stages`` run in-process on the
     TINY params (and ``extra`` overrides); yields the root and the params."""
-    from xfer.config import load_params
+    from xfer.core.config import load_params
 
     with pytest.MonkeyPatch.context() as mp:
         root = copy_project(folder)
@@ -134,7 +134,7 @@ def tiny_project(folder: Path, stages: list[str], pipeline_id: str, extra: Seque
 @pytest.fixture
 def tiny_cfg(project):
     """Params for a seconds-long run on generated images with a random-weight VGG16 at 32 px."""
-    from xfer.config import load_params
+    from xfer.core.config import load_params
 
     return load_params(TINY)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.conftest import REPO, assert_features_close
 from xfer import XferError
-from xfer.config import choices
+from xfer.core.config import choices
 
 BACKBONES = choices("backbone", REPO)
 # Smallest input each family accepts, to keep the test fast.
@@ -33,7 +33,7 @@ def test_registry_has_the_eight_backbones():
 def test_backbone_builds_featurizes_and_has_its_boundary(name):
     import keras
 
-    from xfer.backbones import backbone_cnn, build_base, unfreeze_from
+    from xfer.nets.backbones import backbone_cnn, build_base, unfreeze_from
 
     cfg = backbone_cfg(name)
     base = build_base(cfg)
@@ -48,7 +48,7 @@ def test_backbone_builds_featurizes_and_has_its_boundary(name):
     pooled = pooled_base.predict(images, verbose=0)
     assert pooled.shape == (2, feats.shape[-1])
     # Grad-CAM reads this backbone's last feature map, inside the pooled base.
-    from xfer.gradcam import heatmaps, last_feature_map
+    from xfer.nets.gradcam import heatmaps, last_feature_map
 
     inputs = keras.Input((size, size, 3))
     classifier = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled_base(inputs)))
@@ -61,7 +61,7 @@ def test_backbone_builds_featurizes_and_has_its_boundary(name):
 def test_weights_file_reproduces_features_exactly(tmp_path):
     import keras
 
-    from xfer.backbones import backbone_cnn, build_base
+    from xfer.nets.backbones import backbone_cnn, build_base
 
     keras.utils.set_random_seed(1)
     first = build_base(backbone_cfg("mobilenetv2"))
@@ -77,7 +77,7 @@ def test_weights_file_reproduces_features_exactly(tmp_path):
 
 
 def test_bad_weights_and_layers_are_one_line_errors(tmp_path):
-    from xfer.backbones import build_base
+    from xfer.nets.backbones import build_base
 
     with pytest.raises(XferError, match="file .*missing.weights.h5 not found"):
         build_base(backbone_cfg("vgg16", weights=str(tmp_path / "missing.weights.h5")))
@@ -86,7 +86,7 @@ def test_bad_weights_and_layers_are_one_line_errors(tmp_path):
 
 
 def test_imagenet_offline_names_the_file():
-    from xfer.backbones import build_base
+    from xfer.nets.backbones import build_base
 
     with pytest.raises(XferError, match=r"could not download vgg16_weights_tf_dim_ordering_tf_kernels_notop\.h5.*"
                                         r"~/.keras/models/.*backbone.weights="):
@@ -94,7 +94,7 @@ def test_imagenet_offline_names_the_file():
 
 
 def test_feature_layer_cuts_the_base_earlier():
-    from xfer.backbones import build_base
+    from xfer.nets.backbones import build_base
 
     base = build_base(backbone_cfg("vgg16", feature_layer="block4_pool", image_size=64))
     assert base.output_shape == (None, 4, 4, 512)
@@ -112,8 +112,8 @@ def write_images(folder, n):
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_featurize_rows_follow_the_manifest_order(tmp_path, dtype):
     """Shuffling the manifest shuffles the feature rows with it: row i always belongs to path i."""
-    from xfer.backbones import build_base
-    from xfer.features import featurize_split
+    from xfer.nets.backbones import build_base
+    from xfer.nets.features import featurize_split
 
     base = build_base(backbone_cfg("vgg16"), pooling="max")
     paths = write_images(tmp_path, 7)

@@ -1,4 +1,4 @@
-"""xfer.boundary: the trunk/top cut at backbone.unfreeze_from, and fine-tuning's validation through the top."""
+"""xfer.nets.boundary: the trunk/top cut at backbone.unfreeze_from, and fine-tuning's validation through the top."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def bcfg(constructor: str, module: str, **kwargs):
 
 
 def test_top_of_trunk_is_the_base_and_shares_its_weights(project):
-    from xfer.backbones import backbone_cnn, build_base
-    from xfer.boundary import split_base
+    from xfer.nets.backbones import backbone_cnn, build_base
+    from xfer.nets.boundary import split_base
 
     base = build_base(bcfg("MobileNet", "mobilenet", alpha=0.25), pooling="avg")
     trunk, top = split_base(base, "conv_dw_12")
@@ -28,8 +28,8 @@ def test_top_of_trunk_is_the_base_and_shares_its_weights(project):
 
 
 def test_a_boundary_that_a_residual_connection_bypasses_is_not_cut(project):
-    from xfer.backbones import build_base
-    from xfer.boundary import split_base
+    from xfer.nets.backbones import build_base
+    from xfer.nets.boundary import split_base
 
     base = build_base(bcfg("ResNet50V2", "resnet_v2"))
     assert split_base(base, "conv5_block2_1_conv") is None  # inside a block: the shortcut skips it

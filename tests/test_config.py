@@ -13,9 +13,10 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from xfer import XferError, signals
-from xfer.config import choices, compose_conf, load_params, repo_root, run_cli
-from xfer.params import composed_yaml
+from xfer import XferError
+from xfer.core import signals
+from xfer.core.config import choices, compose_conf, load_params, repo_root, run_cli
+from xfer.core.params import composed_yaml
 
 
 def test_params_yaml_is_what_dvc_composes(tmp_path):
@@ -25,7 +26,7 @@ def test_params_yaml_is_what_dvc_composes(tmp_path):
     out = tmp_path / "params.yaml"
     compose_and_dump(out, str(REPO / "conf"), None, "config", str(tmp_path), [])
     committed = (REPO / "params.yaml").read_text()
-    assert committed == out.read_text(), "params.yaml is stale: run `python -m xfer.params`"
+    assert committed == out.read_text(), "params.yaml is stale: run `xfer params`"
     assert composed_yaml([]) == committed
 
 
@@ -111,7 +112,7 @@ def test_key_missing_from_params_yaml_is_one_line(project, capsys):
     with pytest.raises(SystemExit):
         run_cli(stage, [])
     err = capsys.readouterr().err
-    assert err == "error: params.yaml: key 'head.units' is missing; restore it from conf/ (python -m xfer.params) " \
+    assert err == "error: params.yaml: key 'head.units' is missing; restore it from conf/ (xfer params) " \
                   "or add it\n"
 
 
@@ -121,7 +122,7 @@ def test_a_signal_that_a_library_converted_or_swallowed_still_ends_the_stage(pro
                                                                                library, sig, code, word):
     """TensorFlow re-raises an exception thrown while it traces a function as its own ValueError, or drops it (both
     seen in CI): the stage still exits with the signal's code and one line, and commits no output."""
-    from xfer.files import atomic_path
+    from xfer.core.files import atomic_path
 
     def stage(cfg):
         with atomic_path(project / "out.txt") as tmp:
@@ -153,7 +154,7 @@ def test_compose_rejects_unknown_group_choice():
 
 
 def test_params_cli_check_flags_a_stale_file(project, capsys):
-    from xfer.params import main
+    from xfer.core.params import main
 
     assert main(["--check"]) == 0
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("seed: 42", "seed: 1"))
@@ -163,7 +164,7 @@ def test_params_cli_check_flags_a_stale_file(project, capsys):
 
 def test_missing_params_file_is_one_line(project):
     (project / "params.yaml").unlink()
-    with pytest.raises(XferError, match="python -m xfer.params"):
+    with pytest.raises(XferError, match="xfer params"):
         load_params([])
 
 

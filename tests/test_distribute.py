@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import TINY, assert_features_close, tiny_project
 from xfer import XferError
-from xfer.distribute import CPU_DEVICES, check_loss_scaling, choose, split_cpu, strategy_for
+from xfer.core.distribute import CPU_DEVICES, check_loss_scaling, choose, split_cpu, strategy_for
 
 # No random draws inside a replica (Keras gives every replica the same dropout/augmentation seeds), so that one
 # device and two compute the same function: no dropout, and fine-tuning on cached trunk views (augmented once,
@@ -35,8 +35,8 @@ WEIGHTS_ATOL, METRICS_ATOL = 1e-6, 2e-6
 STAGES = ("featurize", "trunk", "train_head", "finetune")  # trunk: the same views on both (not distributed)
 LAUNCH = f"""
 import importlib, sys
-from xfer.config import load_params
-from xfer.runtime import import_tensorflow
+from xfer.core.config import load_params
+from xfer.core.runtime import import_tensorflow
 import_tensorflow()
 cfg = load_params(sys.argv[1:])
 for stage in {STAGES}:

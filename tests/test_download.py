@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from xfer import XferError
-from xfer.config import load_params
-from xfer.files import read_json
-from xfer.images import normalise_image
+from xfer.core.config import load_params
+from xfer.core.files import read_json
+from xfer.data.images import normalise_image
 
 
 def jpeg_bytes(mode="RGB", size=(64, 48), fmt="JPEG", **kw) -> bytes:
@@ -280,7 +280,7 @@ class FlakyServer:
 def test_download_resumes_after_a_cut_connection(tmp_path):
     import hashlib
 
-    from xfer.fetch import download
+    from xfer.data.fetch import download
 
     payload = bytes(range(256)) * 4096  # 1 MiB
     server = FlakyServer(payload)
@@ -295,7 +295,7 @@ def test_download_resumes_after_a_cut_connection(tmp_path):
 
 
 def test_download_with_wrong_checksum_is_refused_and_deleted(tmp_path):
-    from xfer.fetch import download
+    from xfer.data.fetch import download
 
     server = FlakyServer(b"x" * 1000, cut_first=False)
     try:
@@ -309,7 +309,7 @@ def test_download_with_wrong_checksum_is_refused_and_deleted(tmp_path):
 def test_unreachable_server_gives_up_with_one_line(tmp_path):
     import socket
 
-    from xfer.fetch import download
+    from xfer.data.fetch import download
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -342,7 +342,7 @@ def test_validation_workers_drop_the_stage_signal_handlers():
     import sys
 
     from stages.download import worker_pool
-    from xfer import signals
+    from xfer.core import signals
 
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
@@ -357,7 +357,7 @@ def test_validation_workers_drop_the_stage_signal_handlers():
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
 
-    code = ("from stages.download import worker_pool\nfrom xfer import signals\nsignals.install()\n"
+    code = ("from stages.download import worker_pool\nfrom xfer.core import signals\nsignals.install()\n"
             "for _ in range(1000):\n    try:\n        with worker_pool():\n            raise ValueError\n"
             "    except ValueError:\n        pass\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)

@@ -171,7 +171,7 @@ def queue_repo(tmp_path_factory, team_stack):
     remote in the team stack's bucket, MLFLOW_TRACKING_URI on the stack's server. Two demo experiments (VGG16;
     MobileNetV2 with the from-scratch convnet baseline) queued and run by two parallel workers."""
     root, env, dvc = fresh_repo(tmp_path_factory)
-    env.update(team_stack["client_env"])  # what `eval "$(python -m xfer.stack env)"` sets
+    env.update(team_stack["client_env"])  # what `eval "$(xfer stack env)"` sets
     origin = root.parent / "origin.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root, env)
     run(["git", "remote", "add", "origin", str(origin)], root, env)
@@ -244,7 +244,7 @@ def check_mlflow_ui(url: str, shots: Path) -> None:
     import mlflow
     from playwright.sync_api import sync_playwright
 
-    from xfer.summary import view_url
+    from xfer.track.summary import view_url
 
     assert CHROMIUM.exists(), f"{CHROMIUM} not found: install Debian's chromium package (README, Setup)"
     client = mlflow.MlflowClient(url)
@@ -320,7 +320,7 @@ def test_the_scratch_baseline_sits_beside_the_transfer_models(queue_repo):
     the leaderboard lists it beside each backbone's head and fine-tuned model, `dvc exp show` has its metric and
     `dvc plots` its training curves."""
     root, env, dvc, *_ = queue_repo
-    out = run([sys.executable, "-m", "xfer.compare", "--per-run", "--experiment", "synthetic"], root, env)
+    out = run([sys.executable, "-m", "xfer", "compare", "--per-run", "--experiment", "synthetic"], root, env)
     board = (root / "reports/compare/leaderboard.csv").read_text()
     models = {line.split(",")[0] for line in board.splitlines()[1:]}
     assert models == {"vgg16/head", "vgg16/finetuned", "mobilenetv2/head", "mobilenetv2/finetuned",
@@ -360,7 +360,7 @@ def test_a_team_shares_runs_data_models_and_experiments_through_the_stack(queue_
     assert not (root / "mlruns" / "mlflow.db").exists()  # nothing went to the local database
     version = client.get_model_version_by_alias("synthetic-classifier", "candidate")
     assert version.run_id in ids
-    out = run([sys.executable, "-m", "xfer.compare", "--experiment", "synthetic"], root, env)
+    out = run([sys.executable, "-m", "xfer", "compare", "--experiment", "synthetic"], root, env)
     assert f"{team_stack['url']}/#/experiments/{exp.experiment_id}" in out  # the leaderboard read the server
 
     run([*dvc, "exp", "apply", "demo-b"], root, env)  # (done by the scratch test already, when it ran)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_score, recall_score, roc_auc_score
 
-from xfer.metrics import classification_metrics, expected_calibration_error
+from xfer.track.metrics import classification_metrics, expected_calibration_error
 
 Y = np.array([0, 0, 1, 1, 1, 0, 1, 0])
 P = np.array([[0.1], [0.6], [0.8], [0.4], [0.9], [0.2], [0.7], [0.3]])
@@ -68,7 +68,7 @@ def fake_pipeline(client, exp_id, backbone, accuracy, ips, exp_name, seed=42, un
 def test_leaderboard_from_a_temporary_mlflow_database(tmp_path, monkeypatch):
     import mlflow
 
-    from xfer.compare import main
+    from xfer.track.compare import main
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri)
@@ -96,7 +96,7 @@ def test_leaderboard_groups_seeds_with_mean_and_spread(tmp_path, monkeypatch):
     import mlflow
     import pandas as pd
 
-    from xfer.compare import main
+    from xfer.track.compare import main
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri)
@@ -112,6 +112,11 @@ def test_leaderboard_groups_seeds_with_mean_and_spread(tmp_path, monkeypatch):
     assert board["test_accuracy_std"].tolist() == pytest.approx([0.0, 0.02])
     md = (tmp_path / "cmp/leaderboard.md").read_text()
     assert "| vgg16/finetuned | s1, s2, s3 | 3 | 0.9200 ± 0.0200 |" in md
+    # What differs between the rows is a column (head.units); what they share (backbone.name) and the grouped
+    # seed are not; times read as 10.5, not 10.5000.
+    assert list(board["head.units"]) == [512, 256] and "backbone.name" not in board and "seed" not in board
+    header = md.splitlines()[0].split(" | ")
+    assert header[-1] == "head.units |" and md.splitlines()[2].endswith("| 10.5 | 512 |"), md
     assert main(["--experiment", "pets", "--per-run", "--out", str(tmp_path / "runs")]) == 0
     assert len(pd.read_csv(tmp_path / "runs/leaderboard.csv")) == 4
 
@@ -122,7 +127,7 @@ def test_leaderboard_rows_are_models_head_finetuned_and_scratch_baselines(tmp_pa
     import mlflow
     import pandas as pd
 
-    from xfer.compare import main
+    from xfer.track.compare import main
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri)

@@ -35,7 +35,7 @@ def small_convnet():
 def test_last_feature_map_is_the_last_4d_layer_even_inside_a_nested_backbone():
     import keras
 
-    from xfer.gradcam import heatmaps, last_feature_map
+    from xfer.nets.gradcam import heatmaps, last_feature_map
 
     assert last_feature_map(small_convnet()) == "last_conv"
     base = keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Conv2D(4, 3, activation="relu")],
@@ -55,7 +55,7 @@ def test_last_feature_map_is_the_last_4d_layer_even_inside_a_nested_backbone():
 def test_heatmap_mass_falls_on_the_class_signal():
     import keras
 
-    from xfer.gradcam import heatmaps, overlay
+    from xfer.nets.gradcam import heatmaps, overlay
 
     keras.utils.set_random_seed(0)
     x, y = signal_images(512, seed=0)
@@ -78,10 +78,10 @@ def test_the_pipeline_classifier_is_cut_inside_its_base_even_when_featurize_pool
     map, and front then back is the whole model."""
     import keras
 
-    from xfer.backbones import build_base
-    from xfer.config import load_params
-    from xfer.gradcam import heatmaps, last_feature_map, split_model
-    from xfer.models import augmentation, build_head
+    from xfer.core.config import load_params
+    from xfer.nets.backbones import build_base
+    from xfer.nets.gradcam import heatmaps, last_feature_map, split_model
+    from xfer.nets.models import augmentation, build_head
 
     cfg = load_params(["backbone.weights=null", "backbone.image_size=64"])
     for pooling in ("avg", None):

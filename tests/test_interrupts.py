@@ -129,8 +129,8 @@ def test_after_sigkill_the_next_run_cleans_up_and_closes_the_orphan(ready):
 def test_a_signal_that_tensorflow_swallowed_still_stops_training():
     """TensorFlow may ignore the exception our handler raised (e.g. inside a finalizer): the progress bar, in every
     fit, raises the remembered signal again after the next step."""
-    from xfer import signals
-    from xfer.runtime import progress_bar
+    from xfer.core import signals
+    from xfer.core.runtime import progress_bar
 
     bar = progress_bar("test")
     bar.set_params({"epochs": 1, "steps": 2})
@@ -156,7 +156,7 @@ def _inside_tensorflow(fn):
 @pytest.fixture
 def handlers(monkeypatch):
     """Our signal handlers installed in this process for one test, with a fresh memory; restored after."""
-    from xfer import signals
+    from xfer.core import signals
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(signals, "received", [])

@@ -9,8 +9,8 @@ import pytest
 
 from tests.conftest import TINY, assert_features_close, tiny_project
 from xfer import XferError
-from xfer.config import load_params
-from xfer.files import read_json
+from xfer.core.config import load_params
+from xfer.core.files import read_json
 
 STAGES = ["download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate", "scratch"]
 TRANSFER = STAGES[:-1]
@@ -50,8 +50,8 @@ def test_features_match_a_fresh_forward_pass(tiny_run):
     root, cfg = tiny_run
     import keras
 
-    from xfer.backbones import build_base
-    from xfer.images import decode_and_resize
+    from xfer.data.images import decode_and_resize
+    from xfer.nets.backbones import build_base
 
     base = build_base(cfg.backbone, root / "data/features/vgg16/base.weights.h5")
     paths = (root / "data/features/vgg16/val_paths.txt").read_text().splitlines()
@@ -126,7 +126,7 @@ def test_registered_model_takes_raw_images(tiny_run):
 
 def test_predict_cli_skips_bad_files(tiny_run, tmp_path, capsys, monkeypatch):
     root, _ = tiny_run
-    from stages.predict import main
+    from xfer.nets.predict import main
 
     folder = tmp_path / "new"
     folder.mkdir()
@@ -260,7 +260,7 @@ def test_scratch_baseline_is_trained_scored_and_tracked_like_the_transfer_model(
     import keras
     import mlflow
 
-    from xfer.compare import leaderboard
+    from xfer.track.compare import leaderboard
 
     root, _ = tiny_run
     model = keras.saving.load_model(str(root / "models/scratch/xception_mini.keras"))
@@ -306,8 +306,8 @@ def test_validation_at_the_boundary_equals_the_whole_model_on_images(tiny_run, n
     import keras
     import mlflow
 
-    from xfer.data import image_paths, read_manifest
-    from xfer.images import image_dataset
+    from xfer.data.images import image_dataset
+    from xfer.data.paths import image_paths, read_manifest
 
     root, cfg = tiny_run
     model = keras.saving.load_model(str(root / "models/model.keras"))
@@ -343,7 +343,7 @@ def test_a_pipeline_whose_stages_were_cached_still_has_their_summary(tiny_run, m
     import mlflow
 
     from stages import evaluate
-    from xfer.compare import leaderboard
+    from xfer.track.compare import leaderboard
 
     root, _ = tiny_run
     first = {s: read_json(root / f"reports/runs/{s}.json")["run_id"] for s in STAGES}

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import REPO, TINY, assert_features_close, tiny_project
 from xfer import XferError
-from xfer.files import read_json
+from xfer.core.files import read_json
 
 
 def mobilenet_cfg(**overrides):
@@ -20,7 +20,7 @@ def mobilenet_cfg(**overrides):
 
 
 def test_kwargs_reach_the_constructor_and_bad_ones_fail_in_one_line():
-    from xfer.backbones import backbone_cnn, build_base
+    from xfer.nets.backbones import backbone_cnn, build_base
 
     assert backbone_cnn(build_base(mobilenet_cfg())).count_params() == 218_544  # alpha 0.25, as Keras ships it
     wide = backbone_cnn(build_base(mobilenet_cfg(kwargs={"alpha": 0.5}))).count_params()
@@ -49,7 +49,7 @@ def write_keras2_h5(model, path) -> None:
 def test_keras2_h5_weights_load_and_reproduce_the_network(tmp_path):
     import keras
 
-    from xfer.backbones import backbone_cnn, build_base
+    from xfer.nets.backbones import backbone_cnn, build_base
 
     keras.utils.set_random_seed(1)
     source = build_base(mobilenet_cfg())
@@ -69,7 +69,7 @@ def views_run(tmp_path_factory):
     stages = ["download", "split", "featurize"]
     with tiny_project(tmp_path_factory.mktemp("views") / "proj", stages, "views") as (root, _):
         from stages import train_head, views
-        from xfer.config import load_params
+        from xfer.core.config import load_params
 
         cfg = load_params([*TINY, "featurize.train_views=2"])
         views.main(cfg)
@@ -99,7 +99,7 @@ def test_train_views_multiply_the_rows_and_keep_labels_aligned(views_run):
 
 def test_no_views_is_an_empty_cache(views_run, monkeypatch):
     from stages import views
-    from xfer.config import load_params
+    from xfer.core.config import load_params
 
     monkeypatch.chdir(views_run)
     views.main(load_params([*TINY, "featurize.train_views=0"]))
@@ -111,7 +111,7 @@ def test_no_views_is_an_empty_cache(views_run, monkeypatch):
 def test_label_smoothing_and_cosine_warmup():
     import keras
 
-    from xfer.models import SparseSmoothedCrossentropy, learning_rate, loss_for
+    from xfer.nets.models import SparseSmoothedCrossentropy, learning_rate, loss_for
 
     assert loss_for(2, 0.1).get_config()["label_smoothing"] == pytest.approx(0.1)
     y, p = np.array([0, 2]), np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype="float32")
@@ -131,7 +131,7 @@ def test_label_smoothing_and_cosine_warmup():
 def test_tta_averages_the_mirrored_predictions():
     import keras
 
-    from xfer.serving import Predictor, check_tta
+    from xfer.nets.serving import Predictor, check_tta
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((8, 8, 3))

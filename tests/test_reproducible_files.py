@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from xfer.files import atomic_dir, atomic_path, remove_stale_temporaries
+from xfer.core.files import atomic_dir, atomic_path, remove_stale_temporaries
 
 
 def _model(seed: int):
@@ -31,7 +31,7 @@ def test_same_model_same_keras_bytes(tmp_path):
 
     import keras
 
-    from xfer.models import save_model
+    from xfer.nets.models import save_model
 
     first, second = _model(0), _model(0)
     first.save(str(tmp_path / "raw1.keras"))
@@ -52,7 +52,7 @@ def test_same_model_same_keras_bytes(tmp_path):
 def test_keras_bytes_do_not_depend_on_the_process(tmp_path):
     """The same model saved by two separate processes: identical files (what `dvc repro -f` relies on)."""
     code = ("import sys; sys.path.insert(0, sys.argv[2]); from tests.test_reproducible_files import _model; "
-            "from xfer.models import save_model; save_model(_model(0), sys.argv[1])")
+            "from xfer.nets.models import save_model; save_model(_model(0), sys.argv[1])")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digests = []
     for name in ("p1.keras", "p2.keras"):

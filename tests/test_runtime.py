@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.conftest import TINY, tiny_project
-from xfer.runtime import auto_precision
+from xfer.core.runtime import auto_precision
 
 
 @pytest.mark.parametrize("flags, gpus, expected", [
@@ -25,7 +25,7 @@ def test_auto_precision_follows_the_hardware(flags, gpus, expected):
 
 
 def test_auto_reads_this_machines_cpu_flags(monkeypatch):
-    import xfer.runtime as runtime
+    import xfer.core.runtime as runtime
 
     monkeypatch.setattr(runtime, "gpu_capabilities", lambda: [])
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"fpu", "amx_bf16"})
@@ -37,7 +37,7 @@ def test_auto_reads_this_machines_cpu_flags(monkeypatch):
 def test_cpu_flags_parses_proc_cpuinfo():
     from pathlib import Path
 
-    from xfer.runtime import cpu_flags
+    from xfer.core.runtime import cpu_flags
 
     if not Path("/proc/cpuinfo").is_file():
         pytest.skip("no /proc/cpuinfo on this system")
@@ -48,8 +48,8 @@ def test_auto_on_a_bf16_cpu_runs_featurize_and_finetune_in_bfloat16(tmp_path, mo
     import keras
     import mlflow
 
-    import xfer.runtime as runtime
-    from xfer.config import load_params
+    import xfer.core.runtime as runtime
+    from xfer.core.config import load_params
 
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     monkeypatch.setattr(runtime, "gpu_capabilities", lambda: [])
@@ -77,7 +77,7 @@ def test_auto_on_a_bf16_cpu_runs_featurize_and_finetune_in_bfloat16(tmp_path, mo
     (True, True, [], True), (False, False, [(8, 0)], False),
 ])
 def test_use_jit(setting, deterministic, gpus, expected):
-    from xfer.runtime import use_jit
+    from xfer.core.runtime import use_jit
 
     assert use_jit(setting, deterministic, gpus) is expected
 
@@ -85,7 +85,7 @@ def test_use_jit(setting, deterministic, gpus, expected):
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_bad_jit_setting_is_one_line(bad):
     from xfer import XferError
-    from xfer.runtime import use_jit
+    from xfer.core.runtime import use_jit
 
     with pytest.raises(XferError, match=r"^runtime\.jit: .* is not one of auto, true, false$"):
         use_jit(bad, True, [])
@@ -94,9 +94,9 @@ def test_bad_jit_setting_is_one_line(bad):
 def test_jit_true_reaches_every_model_and_xla_refusals_are_one_line(tmp_path, monkeypatch):
     """runtime.jit=true compiles featurize's base, the views' and trunk's models and the head with XLA (spied);
     fine-tuning VGG16's block 5 under op determinism has no deterministic XLA max-pool gradient: one line."""
-    import xfer.runtime as runtime
+    import xfer.core.runtime as runtime
     from xfer import XferError
-    from xfer.config import load_params
+    from xfer.core.config import load_params
 
     calls = []
     real = runtime.set_jit

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from xfer import XferError
-from xfer.config import compose_conf
+from xfer.core.config import compose_conf
 
 
 def layer_types(model) -> Counter:
@@ -16,7 +16,7 @@ def layer_types(model) -> Counter:
 
 
 def test_convnet_is_the_books_small_convnet(project):
-    from xfer.scratch import build_scratch
+    from xfer.nets.scratch import build_scratch
 
     plain = build_scratch(compose_conf(["scratch=convnet"]).scratch, 2, seed=0)
     kinds = layer_types(plain)
@@ -37,8 +37,8 @@ def test_convnet_is_the_books_small_convnet(project):
 def test_xception_mini_has_residual_blocks_of_batchnorm_and_separable_convolutions_and_trains(project):
     import keras
 
-    from xfer.models import compile_model
-    from xfer.scratch import build_scratch
+    from xfer.nets.models import compile_model
+    from xfer.nets.scratch import build_scratch
 
     cfg = compose_conf(["scratch=xception_mini", "scratch.image_size=32", "scratch.filters=[8,16,32]",
                         "scratch.learning_rate=0.01"]).scratch
@@ -64,7 +64,7 @@ def test_xception_mini_has_residual_blocks_of_batchnorm_and_separable_convolutio
 
 
 def test_unknown_model_is_refused_in_one_line(project):
-    from xfer.scratch import build_scratch
+    from xfer.nets.scratch import build_scratch
 
     cfg = compose_conf(["scratch=convnet", "scratch.model=resnet"]).scratch
     with pytest.raises(XferError, match="scratch.model: 'resnet' is not one of convnet, xception_mini"):
@@ -73,8 +73,8 @@ def test_unknown_model_is_refused_in_one_line(project):
 
 def test_scratch_none_writes_empty_outputs_and_logs_nothing(project, tmp_path, monkeypatch):
     from stages import scratch
-    from xfer.config import load_params
-    from xfer.files import read_json
+    from xfer.core.config import load_params
+    from xfer.core.files import read_json
 
     monkeypatch.chdir(tmp_path)
     for stale in ("models/scratch/old.keras", "reports/scratch/old.png"):

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from xfer import XferError
-from xfer.config import load_params
-from xfer.files import write_json
+from xfer.core.config import load_params
+from xfer.core.files import write_json
 
 
 def make_raw(root, counts: dict[str, int]) -> None:

@@ -1,4 +1,4 @@
-"""The local team stack (``python -m xfer.stack``): PostgreSQL + SeaweedFS + MLflow on free 127.0.0.1 ports."""
+"""The local team stack (``xfer stack``): PostgreSQL + SeaweedFS + MLflow on free 127.0.0.1 ports."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from xfer import stack as xstack
-from xfer import stack_services as svc
+from xfer.stack import control as xstack
+from xfer.stack import services as svc
 
 pytestmark = pytest.mark.stack
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ SEARCH = "/api/2.0/mlflow/experiments/search?max_results=5"
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "xfer.stack", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "xfer", "stack", *args], capture_output=True, text=True, env=env,
                           cwd=REPO, timeout=600)
 
 
@@ -96,8 +96,8 @@ def test_up_logs_a_run_into_postgres_and_the_bucket(stack, tmp_path):
 
 
 def compare_error(env: dict[str, str], tmp_path: Path) -> str:
-    """What `python -m xfer.compare` (which checks the server as every stage does) says, in one line."""
-    proc = subprocess.run([sys.executable, "-m", "xfer.compare", "--out", str(tmp_path)], capture_output=True,
+    """What `xfer compare` (which checks the server as every stage does) says, in one line."""
+    proc = subprocess.run([sys.executable, "-m", "xfer", "compare", "--out", str(tmp_path)], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     return proc.stderr
@@ -144,6 +144,44 @@ def test_data_persists_and_basic_auth_guards_the_api(stack, monkeypatch, tmp_pat
     assert "credentials are needed (HTTP 401)" in compare_error(env, tmp_path)
     env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="wrong")
     assert "credentials were refused (HTTP 401); set MLFLOW_TRACKING_USERNAME" in compare_error(env, tmp_path)
+
+
+def test_up_brings_back_a_server_whose_main_process_was_killed(stack, monkeypatch):
+    """SIGKILL of `mlflow server` leaves its uvicorn processes holding the port; `up` stops them and starts only
+    the dead service, on the same port, with the runs intact; the other services keep their pids."""
+    import signal
+    import time
+
+    run_id = stack.get("run_id") or pytest.skip("needs the first test's run")
+    before = xstack.Stack.load(stack["dir"])
+    pid, started = before.procs["mlflow"]
+    others = {s: before.running()[s] for s in ("postgres", "s3")}
+    os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while svc.alive(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    orphans = svc.group_members(int(pid), started)
+    assert orphans and svc.port_busy(stack["ports"]["mlflow"]), "the killed server left no workers on its port"
+    status = ok(stack["env"], "status").splitlines()
+    assert status[2].startswith("mlflow") and status[2].endswith(" down") and "".join(status).count(" down") == 1
+    ok(stack["env"], "up", "--auth")
+    after = xstack.Stack.load(stack["dir"])
+    assert after.ports["mlflow"] == stack["ports"]["mlflow"] and after.running()["mlflow"] not in (None, int(pid))
+    assert {s: after.running()[s] for s in others} == others
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans)
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", creds(stack["dir"])["XFER_STACK_ADMIN_PASSWORD"])
+    assert MlflowClient(stack["url"]).get_run(run_id).data.metrics == {"accuracy": 0.93}
+    # The same orphans again, but this time `down` must stop them (not only the live services).
+    pid, started = after.procs["mlflow"]
+    os.kill(int(pid), signal.SIGKILL)
+    orphans = svc.group_members(int(pid), started)
+    ok(stack["env"], "down")
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in orphans)
+    assert not svc.port_busy(stack["ports"]["mlflow"])
+    ok(stack["env"], "up", "--auth")
 
 
 def test_down_stops_everything(stack):

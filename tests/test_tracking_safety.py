@@ -13,8 +13,9 @@ import pytest
 
 from tests.conftest import REPO
 from xfer import XferError
-from xfer.store import prepare_database, retry_locked
-from xfer.tracking import close_abandoned_runs
+from xfer.core.retry import retry_locked
+from xfer.track.runs import close_abandoned_runs
+from xfer.track.store import prepare_database
 
 
 def _first_run(uri: str, name: str, barrier) -> str:
@@ -113,11 +114,11 @@ def test_a_tracking_server_that_does_not_answer_is_one_line(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
-    proc = subprocess.run([sys.executable, "-m", "xfer.compare", "--out", str(tmp_path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "xfer", "compare", "--out", str(tmp_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: no MLflow server answers")
-    assert "python -m xfer.stack up" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert "xfer stack up" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     with pytest.raises(XferError, match="no MLflow server answers"):
         prepare_database(f"http://127.0.0.1:{port}")  # what every stage calls first
 
@@ -131,8 +132,8 @@ def test_a_stage_that_loses_the_experiment_creation_race_logs_into_that_experime
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
     from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
-    from xfer.config import load_params
-    from xfer.tracking import stage_run
+    from xfer.core.config import load_params
+    from xfer.track.runs import stage_run
 
     real_create = TrackingServiceClient.create_experiment  # under both MlflowClient and mlflow.set_experiment
 

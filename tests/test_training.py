@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.conftest import REPO
-from xfer.config import load_params
-from xfer.files import read_json, write_json
+from xfer.core.config import load_params
+from xfer.core.files import read_json, write_json
 
 
 def head_cfg(**kw):
@@ -23,7 +23,7 @@ def head_cfg(**kw):
 def test_head_learns_separable_features(pooling):
     import keras
 
-    from xfer.models import build_head, compile_model
+    from xfer.nets.models import build_head, compile_model
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -38,7 +38,7 @@ def test_head_learns_separable_features(pooling):
 
 
 def test_class_weights_balanced():
-    from xfer.models import class_weights
+    from xfer.nets.models import class_weights
 
     w = class_weights([0, 0, 0, 1], "balanced", 2)
     assert w == pytest.approx({0: 4 / 6, 1: 2.0})
@@ -50,8 +50,8 @@ def test_finetuning_keeps_batchnorm_frozen_and_respects_the_boundary(project):
     import keras
 
     from stages.finetune import assemble, unfreeze_top
-    from xfer.backbones import backbone_cnn, build_base
-    from xfer.models import build_head, compile_model
+    from xfer.nets.backbones import backbone_cnn, build_base
+    from xfer.nets.models import build_head, compile_model
 
     cfg = load_params(["backbone=mobilenetv2", "backbone.weights=null", "backbone.image_size=32"])
     base = build_base(cfg.backbone)
@@ -86,7 +86,7 @@ def test_finetuning_keeps_batchnorm_frozen_and_respects_the_boundary(project):
 
 def test_three_classes_end_to_end(project, tmp_path, monkeypatch):
     """A 3-class folder data set through every stage: softmax head, 3-way predictions."""
-    from xfer.images import synthetic_image
+    from xfer.data.images import synthetic_image
 
     rng = np.random.default_rng(0)
     for label, cls in enumerate(["blobs", "noise", "stripes"]):
@@ -106,7 +106,7 @@ def test_three_classes_end_to_end(project, tmp_path, monkeypatch):
     assert read_json("data/raw/classes.json") == ["blobs", "noise", "stripes"]
     import keras
 
-    import xfer.backbones  # noqa: F401 - registers custom layers
+    import xfer.nets.backbones  # noqa: F401 - registers custom layers
 
     model = keras.saving.load_model(str(project / "models/model.keras"))
     assert model.output_shape == (None, 3)

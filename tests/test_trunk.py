@@ -7,11 +7,11 @@ import pytest
 
 from tests.conftest import TINY, tiny_project
 from xfer import XferError
-from xfer.files import read_json
+from xfer.core.files import read_json
 
 
 def test_view_batches_take_one_view_per_image_per_epoch():
-    from xfer.views import view_batches
+    from xfer.nets.views import view_batches
 
     n, k = 5, 3
     x = np.array([[v * 100 + i] for v in range(k) for i in range(n)], dtype=np.float16)  # row v * n + i
@@ -34,7 +34,7 @@ def trunk_run(tmp_path_factory):
     with tiny_project(tmp_path_factory.mktemp("trunk") / "proj", ["download", "split", "featurize"], "trunk") \
             as (root, _):
         from stages import finetune, train_head, trunk, views
-        from xfer.config import load_params
+        from xfer.core.config import load_params
 
         cfg = load_params([*TINY, "finetune.trunk_views=2", "finetune.epochs=2"])
         for stage in (views, trunk, train_head, finetune):
@@ -59,8 +59,8 @@ def test_finetuning_on_trunk_views_trains_the_image_model(trunk_run):
     import keras
     import mlflow
 
-    from xfer.data import image_paths, read_manifest
-    from xfer.images import image_dataset
+    from xfer.data.images import image_dataset
+    from xfer.data.paths import image_paths, read_manifest
 
     root, cfg = trunk_run
     run = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(
@@ -82,12 +82,12 @@ def test_a_boundary_that_cannot_be_cut_falls_back_to_images(trunk_run, monkeypat
     """(e.g. InceptionV3's mixed9, a multi-branch block) the default trunk_views must not break such a backbone."""
     import mlflow
 
-    import xfer.boundary
+    import xfer.nets.boundary
     from stages import finetune, trunk
-    from xfer.config import load_params
+    from xfer.core.config import load_params
 
     root, _ = trunk_run
-    monkeypatch.setattr(xfer.boundary, "split_base", lambda base, boundary: None)
+    monkeypatch.setattr(xfer.nets.boundary, "split_base", lambda base, boundary: None)
     cfg = load_params([*TINY, "finetune.trunk_views=1"])
     trunk.main(cfg)
     assert read_json(root / "data/trunk/vgg16/meta.json")["views"] == 0
@@ -100,7 +100,7 @@ def test_a_boundary_that_cannot_be_cut_falls_back_to_images(trunk_run, monkeypat
 
 def test_finetune_refuses_stale_trunk_views(trunk_run):
     from stages import finetune
-    from xfer.config import load_params
+    from xfer.core.config import load_params
 
     with pytest.raises(XferError, match=r"data/trunk/vgg16: no cached trunk views .*run the trunk stage"):
         finetune.main(load_params([*TINY, "finetune.trunk_views=3"]))
@@ -109,7 +109,7 @@ def test_finetune_refuses_stale_trunk_views(trunk_run):
 def test_without_fine_tuning_the_trunk_stage_caches_nothing(trunk_run, capsys):
     """(Last: it empties the module's trunk cache.) finetune.enabled=false: no views, whatever trunk_views says."""
     from stages import trunk
-    from xfer.config import load_params
+    from xfer.core.config import load_params
 
     root, _ = trunk_run
     trunk.main(load_params([*TINY, "finetune.trunk_views=2", "finetune.enabled=false"]))

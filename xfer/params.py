@@ -1,43 +1,6 @@
-"""Compose ``conf/`` into ``params.yaml`` (what ``dvc exp run`` does), e.g. before a plain ``dvc repro``.
-
-usage: python -m xfer.params [--check] [group=option ...] [key=value ...]
-"""
-
-from __future__ import annotations
-
-import sys
-
-from omegaconf import OmegaConf
-
-from xfer import XferError
-from xfer.config import PARAMS_FILE, compose_conf, project_root
-from xfer.files import atomic_write_text
-
-
-def composed_yaml(overrides: list[str]) -> str:
-    """The text ``dvc exp run`` would write to ``params.yaml`` for these overrides."""
-    return OmegaConf.to_yaml(compose_conf(overrides))
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    check = "--check" in argv
-    overrides = [a for a in argv if a != "--check"]
-    try:
-        text = composed_yaml(overrides)
-        target = project_root() / PARAMS_FILE
-        if check:
-            if not target.is_file() or target.read_text() != text:
-                raise XferError(f"{target} differs from what conf/ composes to; run `python -m xfer.params`")
-            print(f"{target} is up to date with conf/")
-            return 0
-        atomic_write_text(target, text)
-    except XferError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {target}")
-    return 0
-
+"""The old spelling ``python -m xfer.params``: runs ``xfer params``."""
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from xfer.cli import forward
+
+    forward("xfer.params", "params")

@@ -25,11 +25,11 @@ def cache_training_views(model, cfg: DictConfig, out: Path, k: int, dtype: str) 
     labels, paths); logs images/s to the active MLflow run; returns what meta.json records."""
     import mlflow
 
-    from xfer.data import image_paths, read_manifest
-    from xfer.features import featurize_split
-    from xfer.models import augmentation
-    from xfer.runtime import set_jit, use_jit
-    from xfer.store import retry_locked
+    from xfer.core.retry import retry_locked
+    from xfer.core.runtime import set_jit, use_jit
+    from xfer.data.paths import image_paths, read_manifest
+    from xfer.nets.features import featurize_split
+    from xfer.nets.models import augmentation
 
     set_jit(model, use_jit(cfg.runtime.jit, cfg.runtime.deterministic))
     train = read_manifest("train")

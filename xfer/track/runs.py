@@ -15,12 +15,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from xfer.config import project_root, repo_root
-from xfer.data import RUNS
-from xfer.files import read_json, write_json
-from xfer.signals import interrupted
-from xfer.store import prepare_database, retry_locked, tracking_uri
-from xfer.summary import UPSTREAM, experiment_tags, log_datasets, open_parent, refresh, shown
+from xfer.core.config import project_root, repo_root
+from xfer.core.files import read_json, write_json
+from xfer.core.retry import retry_locked
+from xfer.core.signals import interrupted
+from xfer.data.paths import RUNS
+from xfer.track.store import prepare_database, tracking_uri
+from xfer.track.summary import UPSTREAM, experiment_tags, log_datasets, open_parent, refresh, shown
 
 BACKBONE_FREE = ("download", "split", "scratch")  # stages whose runs are not named or tagged after a backbone
 
@@ -159,7 +160,7 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
     import mlflow
     import psutil
 
-    from xfer.runtime import quiet_mlflow
+    from xfer.core.runtime import quiet_mlflow
 
     quiet_mlflow()
     own_db = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri() sets the variable

@@ -93,7 +93,7 @@ def log_figure(fig, name: str, parent: bool = False) -> None:
     """Log a figure to the active MLflow run (and to its pipeline's parent run), then close it."""
     import mlflow
 
-    from xfer.store import retry_locked
+    from xfer.core.retry import retry_locked
 
     client = mlflow.MlflowClient()
     run = client.get_run(mlflow.active_run().info.run_id)

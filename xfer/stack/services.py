@@ -74,27 +74,43 @@ def spawn(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None,
     return proc.pid
 
 
-def terminate_group(pid: int) -> None:
-    """Send SIGTERM to the process group led by ``pid`` (started by :func:`spawn`)."""
+def terminate_group(pgid: int) -> None:
+    """Send SIGTERM to process group ``pgid`` (started by :func:`spawn`), if any of it is left."""
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
         pass
 
 
-def wait_gone(pids: Sequence[int], timeout: float) -> None:
-    """Wait until every process group in ``pids`` has exited; SIGKILL what is left after ``timeout`` s."""
-    procs = []
-    for pid in pids:
+def group_members(pgid: int, since: float = 0.0) -> list[psutil.Process]:
+    """The live processes of process group ``pgid`` (started by :func:`spawn`) created at or after ``since``:
+    the leader and its workers, also workers whose leader died (they keep the group and, for a server, the port).
+    ``since`` guards against a group id the system reused for someone else's processes."""
+    members = []
+    for proc in psutil.process_iter(["create_time", "status"]):
         try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
+            if (os.getpgid(proc.pid) == pgid and proc.info["create_time"] >= since - 1
+                    and proc.info["status"] != psutil.STATUS_ZOMBIE):
+                members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return members
+
+
+def stop_groups(groups: Sequence[tuple[int, float]], timeout: float) -> None:
+    """SIGTERM every process of each ``(pgid, since)`` group, wait up to ``timeout`` s for all of them to exit,
+    then SIGKILL what is left: a service's whole process tree, even when its leader is already gone."""
+    procs = [p for pgid, since in groups for p in group_members(pgid, since)]
+    for pgid, _ in groups:
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
             pass
     _, left = psutil.wait_procs(procs, timeout=timeout)
     for proc in left:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            proc.kill()
+        except psutil.Error:
             pass
     psutil.wait_procs(left, timeout=5)
 

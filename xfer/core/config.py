@@ -10,7 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from xfer import XferError, signals
+from xfer import XferError
+from xfer.core import signals
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
@@ -104,7 +105,7 @@ def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Dict
     root = root or project_root()
     params = root / PARAMS_FILE
     if not params.is_file():
-        raise XferError(f"{params} not found; compose it with `python -m xfer.params` (or `dvc exp run`)")
+        raise XferError(f"{params} not found; compose it with `xfer params` (or `dvc exp run`)")
     base = OmegaConf.load(params)
     rest = []
     for ov in overrides:  # group selections first, so `data=synthetic data.per_class=5` works
@@ -149,7 +150,7 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
     try:
         cfg = load_params(argv)
         if tensorflow:
-            from xfer.runtime import import_tensorflow
+            from xfer.core.runtime import import_tensorflow
 
             import_tensorflow()
         main(cfg)
@@ -163,7 +164,7 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
         raise SystemExit(2) from None
     except (ConfigAttributeError, ConfigKeyError) as exc:
         print(f"error: params.yaml: key '{exc.full_key}' is missing; restore it from conf/ "
-              "(python -m xfer.params) or add it", file=sys.stderr)
+              "(xfer params) or add it", file=sys.stderr)
         raise SystemExit(2) from None
     except BaseException as exc:
         if isinstance(exc, SystemExit) or not signals.interrupted(exc):

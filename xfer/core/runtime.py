@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from xfer import XferError, signals
+from xfer import XferError
+from xfer.core import signals
 
 # TensorFlow/absl/CUDA start-up lines that say nothing to a CPU user; everything else on stderr still shows.
 STARTUP_NOISE = re.compile(
@@ -44,7 +45,7 @@ def quiet_mlflow() -> None:
 
 
 class _PythonModelObjectNotice(logging.Filter):
-    """Drops MLflow's notice that a python_model object is pickled (ours is a small class in xfer/serving.py)."""
+    """Drops MLflow's notice that a python_model object is pickled (ours is a small class in xfer/nets/serving.py)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Passing a Python object as `python_model`")
@@ -155,7 +156,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def progress_bar(desc: str):
     """A Keras callback drawing one tqdm bar over all training steps, with the epoch and the latest
     loss/accuracy (train and validation) as its postfix. Use with ``fit(verbose=0)``. After each step it raises
-    a Ctrl-C/SIGTERM again that something inside TensorFlow swallowed (xfer.signals), so training stops."""
+    a Ctrl-C/SIGTERM again that something inside TensorFlow swallowed (xfer.core.signals), so training stops."""
     import keras
     from tqdm import tqdm
 

@@ -11,13 +11,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.backbones import backbone_cnn
-from xfer.distribute import predict_on_batch
-from xfer.views import view_batches
+from xfer.core.distribute import predict_on_batch
+from xfer.nets.backbones import backbone_cnn
+from xfer.nets.views import view_batches
 
 
 def split_base(base: keras.Model, boundary: str) -> tuple[keras.Model, keras.Model] | None:
-    """``(trunk, top)`` for a model made by :func:`xfer.backbones.build_base`: ``trunk`` maps images to the
+    """``(trunk, top)`` for a model made by :func:`xfer.nets.backbones.build_base`: ``trunk`` maps images to the
     activations entering layer ``boundary`` and ``top`` maps those to the base's output, sharing the base's layers
     (and so its weights, trained or not). None where a connection bypasses the boundary (e.g. inside a residual
     block), so that no single tensor carries everything the top needs."""
@@ -89,8 +89,8 @@ def fit_plan(cfg: DictConfig, model: keras.Model, base: keras.Model, head: keras
     head on the trunk stage's cached boundary views; validate through the top on activations computed once
     (on images where the boundary cannot be cut). ``compile_like(m, steps_per_epoch)`` compiles with the
     fine-tuning loss, metrics and optimizer; call after setting ``trainable``."""
-    from xfer.data import image_paths, read_manifest
-    from xfer.images import image_dataset
+    from xfer.data.images import image_dataset
+    from xfer.data.paths import image_paths, read_manifest
 
     f, boundary = cfg.finetune, cfg.backbone.unfreeze_from
     size, bs, seed = int(cfg.backbone.image_size), int(f.batch_size), int(cfg.seed)
@@ -123,8 +123,8 @@ def fit_plan(cfg: DictConfig, model: keras.Model, base: keras.Model, head: keras
 
 def load_trunk_views(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
     """The trunk stage's cached views (memory-mapped) and labels, checked against the params."""
-    from xfer.data import trunk_dir
-    from xfer.files import read_json
+    from xfer.core.files import read_json
+    from xfer.data.paths import trunk_dir
 
     d = trunk_dir(cfg.backbone.name)
     meta = read_json(d / "meta.json") if (d / "meta.json").is_file() else {}

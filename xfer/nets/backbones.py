@@ -11,9 +11,9 @@ import keras
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.data import feature_dir
-from xfer.features import BASE_WEIGHTS
-from xfer.files import read_json
+from xfer.core.files import read_json
+from xfer.data.paths import feature_dir
+from xfer.nets.features import BASE_WEIGHTS
 
 
 @keras.saving.register_keras_serializable(package="xfer")
@@ -36,9 +36,9 @@ PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mi
 
 
 def set_precision(precision: str) -> str:
-    """Keras mixed precision: ``auto`` (see :func:`xfer.runtime.auto_precision`) | ``float32`` | ``bfloat16`` |
+    """Keras mixed precision: ``auto`` (see :func:`xfer.core.runtime.auto_precision`) | ``float32`` | ``bfloat16`` |
     ``float16`` compute; returns the precision set."""
-    from xfer.runtime import auto_precision
+    from xfer.core.runtime import auto_precision
 
     if precision == "auto":
         precision = auto_precision()

@@ -1,11 +1,10 @@
 """Local team stack on 127.0.0.1: PostgreSQL + SeaweedFS (S3) + an MLflow server storing runs and artifacts in them.
 
-``python -m xfer.stack up [--auth]`` starts it (data in ``<repo>/.stack/``, kept between runs), ``status``,
-``down``; ``eval "$(python -m xfer.stack env)"`` points MLflow, boto3 and DVC at it."""
+``xfer stack up [--auth]`` starts it (data in ``<repo>/.stack/``, kept between runs), ``status``,
+``down``; ``eval "$(xfer stack env)"`` points MLflow, boto3 and DVC at it."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -17,7 +16,8 @@ from pathlib import Path
 import psutil
 
 from xfer import XferError
-from xfer import stack_services as svc
+from xfer.core.args import Parser
+from xfer.stack import services as svc
 
 SERVICES = ("postgres", "s3", "mlflow")
 DEFAULT_PORTS = {"postgres": 5433, "s3": 8333, "mlflow": 5000}
@@ -36,7 +36,7 @@ def port_env(service: str) -> str:
 
 def stack_dir(option: str | None = None) -> Path:
     """``--dir``, else $XFER_STACK_DIR, else ``<repo root>/.stack``."""
-    from xfer.config import repo_root
+    from xfer.core.config import repo_root
 
     chosen = option or os.environ.get("XFER_STACK_DIR")
     return Path(chosen).resolve() if chosen else repo_root() / ".stack"
@@ -100,23 +100,41 @@ class Stack:
     def running(self) -> dict[str, int | None]:
         return {s: self.pid(s) for s in SERVICES}
 
+    def group(self, service: str) -> tuple[int, float] | None:
+        """The process group ``up`` started ``service`` in (its leader's pid and start time), while any process of
+        it lives: a server whose main process died can leave workers holding its port."""
+        pid, started = self.procs.get(service, (0, 0))
+        if pid and svc.group_members(int(pid), started):
+            return int(pid), started
+        return None
+
 
 def up(folder: Path, ports: dict[str, int], bucket: str = "xfer", auth: bool = False, timeout: float = 120) -> Stack:
-    """Start PostgreSQL, SeaweedFS and MLflow (unless all already run); on failure stop what was started."""
+    """Start whichever of PostgreSQL, SeaweedFS and MLflow is not running, leaving the running ones as they are (a
+    stack that is partly up keeps its ports and bucket); what is left of a dead service (e.g. the workers of an
+    MLflow server whose main process was killed) is stopped first. On failure, stop what this call started."""
     old = Stack.load(folder)
     if old and any(old.running().values()):
-        if all(old.running().values()) and old.auth == auth:
+        if old.running()["mlflow"] and old.auth != auth:
+            raise XferError(f"the stack in {folder} is running {'with' if old.auth else 'without'} basic auth; "
+                            "run `xfer stack down` first to change that")
+        if all(old.running().values()):
             return old
-        raise XferError(f"the stack in {folder} is already running ({', '.join(_states(old))}); "
-                        "run `python -m xfer.stack down` first")
-    for service in SERVICES:
-        if svc.port_busy(ports[service]):
-            raise XferError(f"port {ports[service]} for {service} is already in use on {svc.HOST}; choose another "
-                            f"with --{service}-port or {port_env(service)}")
+        stack = old
+    else:
+        stack = None
     if len(str(folder)) > 80:
         raise XferError(f"stack dir {folder} is too long for the unix sockets it holds (80 characters at most)")
-    stack = Stack(folder, {**ports, **dict(zip(WEED_PORTS, svc.free_ports(len(WEED_PORTS)), strict=True))},
-                  bucket, auth)
+    if stack is None:
+        stack = Stack(folder, {**ports, **dict(zip(WEED_PORTS, svc.free_ports(len(WEED_PORTS)), strict=True))},
+                      bucket, auth)
+    stack.auth = auth
+    running = stack.running()
+    _stop_leftovers(stack, [s for s in ("mlflow", "s3") if not running[s]])
+    for service in SERVICES:
+        if not running[service] and svc.port_busy(stack.ports[service]):
+            raise XferError(f"port {stack.ports[service]} for {service} is already in use on {svc.HOST}; choose "
+                            f"another with --{service}-port or {port_env(service)}")
     for sub in ("logs", "run", "s3/master"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:  # the postgres system user must be able to enter the stack dir
@@ -126,14 +144,42 @@ def up(folder: Path, ports: dict[str, int], bucket: str = "xfer", auth: bool = F
     if auth:
         svc.require("flask_wtf", "mlflow[auth]")
     creds = credentials(folder)
+    stack.save()
     try:
-        stack.postgres().start(creds["XFER_STACK_DB_PASSWORD"])
-        _start_s3(stack, creds, timeout)
-        _start_mlflow(stack, creds, timeout)
+        if not running["postgres"]:
+            stack.postgres().start(creds["XFER_STACK_DB_PASSWORD"])
+        if not running["s3"]:
+            _start_s3(stack, creds, timeout)
+        if not running["mlflow"]:
+            _start_mlflow(stack, creds, timeout)
     except BaseException:
-        down(folder)
+        _stop_started(stack, running)
         raise
     return stack
+
+
+def _stop_leftovers(stack: Stack, services: list[str]) -> None:
+    """Stop the remaining processes (orphaned workers) of services whose leader is gone."""
+    groups = [g for s in services if (g := stack.group(s))]
+    if groups:
+        svc.stop_groups(groups, _stop_timeout())
+    if "s3" in services:
+        svc.remove_weed_sockets(stack.ports)
+
+
+def _stop_started(stack: Stack, running: dict[str, int | None]) -> None:
+    """Undo a failed ``up``: stop the services it started, keep those that ran before."""
+    _stop_leftovers(stack, [s for s in ("mlflow", "s3") if not running[s]])
+    if not running["postgres"]:
+        stack.postgres().stop()
+    for s in ("mlflow", "s3"):
+        if not running[s]:
+            stack.procs.pop(s, None)
+    stack.save()
+
+
+def _stop_timeout() -> float:
+    return float(os.environ.get("XFER_STACK_STOP_TIMEOUT", STOP_TIMEOUT))
 
 
 def _spawn(stack: Stack, service: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
@@ -194,21 +240,22 @@ def _admin_user() -> str:
 
 
 def down(folder: Path) -> list[str]:
-    """Stop what ``up`` started in ``folder`` (MLflow, SeaweedFS, PostgreSQL); the names of what was stopped."""
+    """Stop what ``up`` started in ``folder`` (MLflow, SeaweedFS, PostgreSQL): each service's whole process group,
+    including workers whose main process already died; the names of what was stopped."""
     stack = Stack.load(folder)
     if not stack:
         return []
     running = stack.running()
-    pids = [running[s] for s in ("mlflow", "s3") if running[s]]
-    for pid in pids:
-        svc.terminate_group(pid)
+    groups = {s: g for s in ("mlflow", "s3") if (g := stack.group(s))}
+    for pgid, _ in groups.values():
+        svc.terminate_group(pgid)
     if running["postgres"]:
         stack.postgres().stop()  # while weed drains its streams
-    svc.wait_gone(pids, float(os.environ.get("XFER_STACK_STOP_TIMEOUT", STOP_TIMEOUT)))
+    svc.stop_groups(list(groups.values()), _stop_timeout())
     svc.remove_weed_sockets(stack.ports)
     stack.procs = {}
     stack.save()
-    return [s for s in SERVICES if running[s]]
+    return [s for s in SERVICES if running[s] or s in groups]
 
 
 def _states(stack: Stack) -> list[str]:
@@ -248,7 +295,7 @@ def dvc_lines(stack: Stack) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m xfer.stack", description=__doc__.splitlines()[0])
+    ap = Parser(prog="xfer stack", description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=["up", "down", "status", "env"])
     ap.add_argument("--dir", help="stack folder (default: $XFER_STACK_DIR, else <repo>/.stack)")
     ap.add_argument("--auth", action="store_true", help="up: MLflow basic auth (admin user from the credentials)")
@@ -264,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             stack = up(folder, ports, args.bucket, args.auth, args.timeout)
             print("\n".join([*status_lines(folder), f"# logs in {folder / 'logs'}; the environment to use "
-                             "(or: eval \"$(python -m xfer.stack env)\"):", *env_lines(folder),
+                             "(or: eval \"$(xfer stack env)\"):", *env_lines(folder),
                              "# DVC remote on the stack's bucket:", *dvc_lines(stack)]))
         elif args.command == "down":
             stopped = down(folder)

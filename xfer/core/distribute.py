@@ -88,7 +88,7 @@ def distributed(strategy) -> Iterator[object]:
     scope (create models and optimizers, load weights there; predict with :func:`predict_on_batch`)."""
     import mlflow
 
-    from xfer.store import retry_locked
+    from xfer.core.retry import retry_locked
 
     replicas = int(strategy.num_replicas_in_sync)
     retry_locked(mlflow.log_params, {"strategy_used": strategy_name(strategy), "replicas": replicas})

@@ -117,9 +117,9 @@ def explain_images(model, paths: list[str], y: np.ndarray, probs: np.ndarray, cl
     """Save the grids of misclassified and of correctly classified images (see :func:`pick`), each image beside
     its Grad-CAM overlay for the predicted class, titled with the true and predicted class and probability;
     return how many images each grid shows."""
-    from xfer.figures import explained_grid
-    from xfer.files import atomic_path
-    from xfer.images import load_resized
+    from xfer.core.files import atomic_path
+    from xfer.data.images import load_resized
+    from xfer.track.figures import explained_grid
 
     size = int(model.input_shape[1])
     wrong, right = pick(y, probs, n_wrong, n_right_per_class)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from xfer.signals import raise_if_interrupted
+from xfer.core.signals import raise_if_interrupted
 
 
 def _pid_alive(pid: int) -> bool:

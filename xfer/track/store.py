@@ -6,17 +6,13 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 from xfer import XferError
-from xfer.config import repo_root
+from xfer.core.config import repo_root
 
 SQLITE_BUSY_S = 60.0  # how long our own connection waits for SQLite's lock
 SERVER_TIMEOUT_S = 15.0  # for the one request that checks a tracking server
-T = TypeVar("T")
 
 
 def tracking_uri() -> str:
@@ -26,24 +22,6 @@ def tracking_uri() -> str:
     db = repo_root() / "mlruns" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
-
-
-# Store answers that a parallel writer caused and a retry resolves: SQLite's lock (two writers upgrading their
-# locks at once fail at once, whatever the busy timeout), and two upserts of the same key (an experiment tag, an
-# alias) that both tried to insert it (PostgreSQL behind a server; the retry finds the row and updates it).
-TRANSIENT = ("database is locked", "duplicate key value violates unique constraint", "UNIQUE constraint failed")
-
-
-def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
-    """Call an MLflow function, retrying with backoff on a ``TRANSIENT`` conflict with a parallel writer."""
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # MlflowException or sqlalchemy's OperationalError, depending on the call
-            if not any(text in str(exc) for text in TRANSIENT) or attempt == attempts - 1:
-                raise
-            time.sleep(min(0.25 * 2**attempt, 8.0))
-    raise AssertionError("unreachable")
 
 
 def check_server(uri: str) -> None:
@@ -69,8 +47,8 @@ def check_server(uri: str) -> None:
                             "check the URL")
         store = requests.get(f"{api}/mlflow-artifacts/artifacts", auth=auth, timeout=SERVER_TIMEOUT_S)
     except requests.RequestException as exc:
-        raise XferError(f"{where}: no MLflow server answers ({type(exc).__name__}); start it (`python -m "
-                        "xfer.stack up` for the local team stack) or unset MLFLOW_TRACKING_URI to use "
+        raise XferError(f"{where}: no MLflow server answers ({type(exc).__name__}); start it (`xfer stack up` "
+                        "for the local team stack) or unset MLFLOW_TRACKING_URI to use "
                         "mlruns/mlflow.db") from None
     try:  # an error of the artifact proxy comes as MLflow JSON (a server that proxies nothing has no such route)
         problem = store.json().get("message") if store.status_code != 200 else None

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from xfer.data import FEATURES, METRICS, REPORTS, RUNS, SPLIT_NAMES, SPLITS
+from xfer.data.paths import FEATURES, METRICS, REPORTS, RUNS, SPLIT_NAMES, SPLITS
 
 STAGES = ("download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate", "scratch")
 # Which stages' outputs each stage reads (their run ids become the stage run's upstream.* tags).
@@ -165,7 +165,7 @@ def log_datasets(client, run_id: str, cfg: DictConfig, names=SPLIT_NAMES) -> Non
     """Log the split manifests as the run's input datasets (once each)."""
     from mlflow.entities import DatasetInput, InputTag
 
-    from xfer.store import retry_locked
+    from xfer.core.retry import retry_locked
 
     have = {d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs}
     new = [DatasetInput(entity, [InputTag("mlflow.data.context", context)])
@@ -183,7 +183,7 @@ def open_parent(client, experiment_id: str, pid: str, cfg: DictConfig, tags: dic
     """The parent run of pipeline ``pid`` (created with its key params by the first stage), set RUNNING."""
     from mlflow.entities import Param
 
-    from xfer.store import retry_locked
+    from xfer.core.retry import retry_locked
 
     found = client.search_runs([experiment_id], f"tags.role = 'pipeline' and tags.pipeline_id = '{pid}'",
                                max_results=1)
@@ -228,7 +228,7 @@ def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, statu
     """Summarize the settled stages in the parent (links, metrics, seconds, datasets) and end it with ``status``."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from xfer.store import retry_locked
+    from xfer.core.retry import retry_locked
 
     known = set(settled(stage))  # once the split is settled, the manifests the scratch digest reads are final
     if "split" in known and _read(REPORTS / "scratch.json").get("inputs_digest") == scratch_digest(cfg):

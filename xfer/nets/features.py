@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from xfer.distribute import predict_on_batch
-from xfer.signals import raise_if_interrupted
+from xfer.core.distribute import predict_on_batch
+from xfer.core.signals import raise_if_interrupted
 
 BASE_WEIGHTS = "base.weights.h5"
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -22,7 +22,7 @@ def featurize_split(base, paths: list[str], labels: np.ndarray, out: Path, split
     """Stream the features of one split into ``out/<split>_features.npy`` (rows in manifest order; with
     ``augment``, a Keras layer applied in training mode to each batch, ``views`` passes: row v * n + i is view v
     of image i); labels and paths follow the rows. Return images per second."""
-    from xfer.images import image_dataset
+    from xfer.data.images import image_dataset
 
     n, size = len(paths), int(base.input_shape[1])
     shape = (n * views, *base.output_shape[1:])

@@ -8,7 +8,7 @@ import keras
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.files import atomic_path, make_keras_file_deterministic
+from xfer.core.files import atomic_path, make_keras_file_deterministic
 
 
 def save_model(model: keras.Model, target: str | Path) -> None:
@@ -97,7 +97,7 @@ def optimizer(ocfg: DictConfig, steps_per_epoch: int | None = None) -> keras.opt
 def compile_model(model: keras.Model, ocfg: DictConfig, n_classes: int, steps_per_epoch: int | None = None,
                   jit: bool = False) -> None:
     """Compile with the section's optimizer, loss (label smoothing) and accuracy; ``jit``: XLA (runtime.jit)."""
-    from xfer.runtime import set_jit
+    from xfer.core.runtime import set_jit
 
     model.compile(optimizer=optimizer(ocfg, steps_per_epoch),
                   loss=loss_for(n_classes, ocfg.get("label_smoothing") or 0.0), metrics=["accuracy"])

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from xfer import XferError
-from xfer.config import repo_root
+from xfer.core.config import repo_root
 
 DOWNLOADS = "data/downloads"  # under the user's repo root: git-ignored, not a DVC output, shared by temp exps
 CHUNK = 1 << 20

@@ -11,7 +11,7 @@ from keras import layers
 from omegaconf import DictConfig
 
 from xfer import XferError
-from xfer.models import augmentation
+from xfer.nets.models import augmentation
 
 MODELS = ("convnet", "xception_mini")
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xfer.runtime import quiet_mlflow
+from xfer.core.runtime import quiet_mlflow
 
 quiet_mlflow()
 try:
@@ -65,15 +65,15 @@ class Predictor:
     def load(cls, model_path: str | Path, classes_path: str | Path, tta=()) -> Predictor:
         import keras
 
-        import xfer.backbones  # noqa: F401 - registers the Preprocess layer
-        import xfer.models  # noqa: F401 - registers the smoothed loss
+        import xfer.nets.backbones  # noqa: F401 - registers the Preprocess layer
+        import xfer.nets.models  # noqa: F401 - registers the smoothed loss
 
         return cls(keras.saving.load_model(str(model_path)), json.loads(Path(classes_path).read_text()), tta)
 
     def views(self, batch: np.ndarray, plain: bool = True) -> list[np.ndarray]:
         """(n, k) class probabilities of each view: the batch itself first (unless not ``plain``), then each TTA
         view."""
-        from xfer.metrics import as_matrix
+        from xfer.track.metrics import as_matrix
 
         out = [as_matrix(self.model.predict(batch, verbose=0, batch_size=32))] if plain else []
         if "flip" in self.tta:
@@ -82,8 +82,8 @@ class Predictor:
 
     def views_of_files(self, paths: list[str], labels: np.ndarray, batch_size: int, plain: bool = True
                        ) -> list[np.ndarray]:
-        """:meth:`views` over image files read as in training (xfer.images), each view's (n, k) in file order."""
-        from xfer.images import image_dataset
+        """:meth:`views` over image files read as in training (xfer.data.images), each view's (n, k) in file order."""
+        from xfer.data.images import image_dataset
 
         batches = [self.views(x.numpy(), plain) for x, _ in image_dataset(paths, labels, self.size, batch_size)]
         return [np.concatenate([b[i] for b in batches]) for i in range(len(batches[0]))] if batches else []
@@ -138,8 +138,8 @@ def register(cfg, run, classes_path, model_path, metrics: dict) -> str:
     import mlflow
     import tensorflow as tf
 
-    from xfer.store import retry_locked
-    from xfer.summary import model_card
+    from xfer.core.retry import retry_locked
+    from xfer.track.summary import model_card
 
     name = registered_name(cfg)
     with tempfile.TemporaryDirectory() as tmp:
