@@ -3,6 +3,7 @@
 usage: python bench/featurize.py speed [--images 256] [--size 180] [--photo 500x375] [--repeats 3]
        python bench/featurize.py memory [--images 20000] [--size 64]
        python bench/featurize.py precision [--images 64] [--size 180]
+       python bench/featurize.py precision --all [--write]
 speed:     (a) bare ``base.predict_on_batch`` on pre-decoded, pre-resized float32 batches in memory versus
            (b) ``xfer.nets.features.featurize_split`` (JPEG files -> tf.data decode/resize/batch/prefetch -> model ->
            memory-mapped .npy) on the same images; runs alternate a, b, a, b, ... after a warm-up.
@@ -10,7 +11,9 @@ speed:     (a) bare ``base.predict_on_batch`` on pre-decoded, pre-resized float3
 memory:    featurize_split over N generated JPEGs; peak RSS (ru_maxrss) plus sampled peak RssAnon / RssFile
            (RssFile: shared libraries and the memory-mapped output). Goal: peak RSS < 3 GB for 20,000 images.
 precision: runtime.precision float32 vs bfloat16 vs float16 with the same weights: speed of (a) (alternated runs)
-           and the feature differences against float32.
+           and the feature differences against float32. --all: float32 vs bfloat16 for every backbone at its own
+           size; --write puts the faster one (bfloat16 only if >= 1.05x) into conf/backbone/<name>.yaml as
+           ``precision.<device kind>``, the table runtime.precision=auto reads.
 speed and precision also print the CPU cores other processes used during each run: trust runs where it is ~0.
 """
 
@@ -166,18 +169,20 @@ def memory(args: argparse.Namespace) -> None:
 
 
 PRECISIONS = ("float32", "bfloat16", "float16")
+CHOOSE_BF16 = 1.05  # --write: bfloat16 only where it is at least 5 % faster than float32 (else float32)
 
 
-def precision(args: argparse.Namespace) -> None:
+def measure(name: str, size: int, args: argparse.Namespace, precisions: tuple[str, ...]):
+    """Images/s (best of alternated runs, with the other processes' cores) and features per precision."""
     from xfer.nets.backbones import backbone_cnn, build_base, set_precision
 
-    cfg = backbone_cfg(args.backbone, args.size)
+    cfg = backbone_cfg(name, size)
     bases = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths, _ = write_jpegs(Path(tmp), args.images, args.photo)
-        images = decode_all(paths, args.size)
+        images = decode_all(paths, size)
         weights = Path(tmp) / "base.weights.h5"
-        for prec in PRECISIONS:  # the global policy applies to models built while it is set
+        for prec in precisions:  # the global policy applies to models built while it is set
             set_precision(prec)
             try:
                 bases[prec] = build_base(cfg, weights_file=weights if bases else None)
@@ -186,11 +191,18 @@ def precision(args: argparse.Namespace) -> None:
             if not weights.exists():
                 backbone_cnn(bases[prec]).save_weights(str(weights))
     feats = {p: bare_predict(base, images, args.batch_size)[1].astype(np.float64) for p, base in bases.items()}
-    runs: dict[str, list[tuple[float, float]]] = {p: [] for p in PRECISIONS}
+    runs: dict[str, list[tuple[float, float]]] = {p: [] for p in precisions}
     for _ in range(args.repeats):  # alternate the variants so contention hits them alike
         for prec, base in bases.items():
             (ips, _), busy = others(bare_predict, base, images, args.batch_size)
             runs[prec].append((ips, busy))
+    return runs, feats
+
+
+def precision(args: argparse.Namespace) -> None:
+    if args.all:
+        return precision_table(args)
+    runs, feats = measure(args.backbone, args.size, args, PRECISIONS)
     ref = feats["float32"]
     print(f"{args.backbone} {args.size} px, {args.images} images, batch {args.batch_size}, best of {args.repeats} "
           f"alternated runs; differences vs float32 (max rel = max|d| / max|f32| with max|f32| = {abs(ref).max():.4g}, "
@@ -202,6 +214,54 @@ def precision(args: argparse.Namespace) -> None:
         print(f"{prec:<10} {max(r[0] for r in runs[prec]):9.2f} {d.max():10.4g} {d.mean():10.4g} "
               f"{d.max() / abs(ref).max():9.2e} {np.linalg.norm(d) / np.linalg.norm(ref):9.2e}  "
               f"{', '.join(f'{r[1]:.2f}' for r in runs[prec])}")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def precision_table(args: argparse.Namespace) -> None:
+    """float32 vs bfloat16 for every conf/backbone/*.yaml at its own image size; with --write, the winner goes into
+    that file's ``precision.<device kind>`` (what runtime.precision=auto then picks on this kind of device)."""
+    from xfer.core.runtime import NATIVE_BF16, cpu_flags, device_kind
+
+    kind = device_kind()
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "fma")))
+    print(f"{cpu_model()}, device kind {kind}, flags {' '.join(flags)}; {args.images} images, batch "
+          f"{args.batch_size}, best of {args.repeats} alternated runs")
+    print(f"{'backbone':<17} {'px':>4} {'float32 img/s':>14} {'bfloat16 img/s':>15} {'bf16/f32':>9}  choice  "
+          "other processes (cores)")
+    for conf in sorted((ROOT / "conf" / "backbone").glob("*.yaml")):
+        from omegaconf import OmegaConf
+
+        size = int(OmegaConf.load(conf).image_size)
+        runs, _ = measure(conf.stem, size, args, ("float32", "bfloat16"))
+        f32, bf16 = (max(r[0] for r in runs[p]) for p in ("float32", "bfloat16"))
+        ratio = bf16 / f32
+        choice = "bfloat16" if ratio >= CHOOSE_BF16 else "float32"
+        busy = max(r[1] for rs in runs.values() for r in rs)
+        print(f"{conf.stem:<17} {size:>4} {f32:14.1f} {bf16:15.1f} {ratio:8.2f}x  {choice:<8} max {busy:.2f}")
+        if args.write and kind in NATIVE_BF16:
+            write_choice(conf, kind, choice, f"bf16 {ratio:.2f}x f32 at {size} px on {cpu_model()}")
+
+
+def write_choice(conf: Path, kind: str, choice: str, why: str) -> None:
+    """Set ``precision.<kind>: <choice>  # <why>`` in a backbone's YAML, keeping the rest of the file as it is."""
+    lines = conf.read_text().splitlines()
+    entry = f"  {kind}: {choice}"
+    entry = f"{entry:<32}# {why}"
+    if "precision:" not in [line.split("#")[0].strip() for line in lines]:
+        lines += ["precision:  # what runtime.precision=auto runs per device kind (bench/featurize.py precision --all)"]
+    at = next(i for i, line in enumerate(lines) if line.startswith("precision:"))
+    end = at + 1
+    while end < len(lines) and lines[end].startswith("  "):
+        end += 1
+    block = [line for line in lines[at + 1 : end] if not line.strip().startswith(f"{kind}:")]
+    lines[at + 1 : end] = sorted([*block, entry])
+    conf.write_text("\n".join(lines) + "\n")
 
 
 def photo_size(text: str) -> tuple[int, int]:
@@ -222,6 +282,9 @@ def main() -> None:
         p.add_argument("--repeats", type=int, default=3)
         p.add_argument("--photo", type=photo_size, default=(500, 375), help="generated JPEG WxH (speed, precision)")
         p.add_argument("--photo-size", type=int, default=128, help="generated JPEG side (memory)")
+        if name == "precision":
+            p.add_argument("--all", action="store_true", help="every conf/backbone at its own size: f32 vs bf16")
+            p.add_argument("--write", action="store_true", help="--all: put the winner in conf/backbone/*.yaml")
     args = ap.parse_args()
     modes[args.mode][0](args)
 

@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
     b, f = cfg.backbone, cfg.featurize
     if f.dtype not in DTYPES:
         raise XferError(f"featurize.dtype: '{f.dtype}' is not one of {', '.join(DTYPES)}")
-    precision = set_precision(cfg.runtime.precision)
+    precision = set_precision(cfg.runtime.precision, b.get("precision"))
     with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]), distributed(strategy):
         retry_locked(mlflow.log_param, "precision_used", precision)  # what runtime.precision=auto chose
         log_inputs(cfg, *SPLIT_NAMES)

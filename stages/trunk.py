@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> None:
         meta = {"backbone": name, "boundary": boundary, "views": k, "images": 0}
         with atomic_dir(trunk_dir(name)) as tmp:
             if k:
-                from xfer.core.runtime import import_tensorflow, seed_everything
+                from xfer.core.quiet import import_tensorflow
+                from xfer.core.runtime import seed_everything
                 from xfer.nets.backbones import backbone_cnn, cached_base, unfreeze_from
                 from xfer.nets.boundary import split_base
 

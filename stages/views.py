@@ -26,7 +26,8 @@ def main(cfg: DictConfig) -> None:
         meta = {"backbone": name, "views": k, "images": 0}
         with atomic_dir(views_dir(name)) as tmp:
             if k:
-                from xfer.core.runtime import import_tensorflow, seed_everything
+                from xfer.core.quiet import import_tensorflow
+                from xfer.core.runtime import seed_everything
                 from xfer.nets.backbones import cached_base
 
                 import_tensorflow()

@@ -36,7 +36,7 @@ STAGES = ("featurize", "trunk", "train_head", "finetune")  # trunk: the same vie
 LAUNCH = f"""
 import importlib, sys
 from xfer.core.config import load_params
-from xfer.core.runtime import import_tensorflow
+from xfer.core.quiet import import_tensorflow
 import_tensorflow()
 cfg = load_params(sys.argv[1:])
 for stage in {STAGES}:

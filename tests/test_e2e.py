@@ -87,6 +87,15 @@ def test_demo_reaches_the_accuracy_threshold(demo_repo):
     assert (root / "models/model.keras").is_file() and (root / "dvc.lock").is_file()
 
 
+def test_every_stage_of_the_demo_starts_quietly(demo_repo):
+    """No TensorFlow/absl/CUDA start-up line in any stage's output, trunk and views included."""
+    _, _, _, demo_log, _ = demo_repo
+    ran = re.findall(r"Running stage '(\w+)'", demo_log)
+    assert {"download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate"} <= set(ran)
+    for noise in ("absl", "cuda", "oneDNN", "cpu_feature_guard", "rebuild TensorFlow"):
+        assert noise not in demo_log, f"{noise!r} in the log:\n{demo_log}"
+
+
 def test_one_parent_run_per_pipeline_with_its_stage_runs_nested(demo_repo):
     root, *_ = demo_repo
     client, exp, runs = mlflow_runs(root)

@@ -4,24 +4,54 @@ switched to bfloat16 records the choice and still passes fine-tuning's exact tra
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from tests.conftest import TINY, tiny_project
 from xfer.core.runtime import auto_precision
 
+MEASURED = {"cpu_avx512_bf16": "float32"}  # a depthwise network's table (conf/backbone/mobilenet.yaml)
 
-@pytest.mark.parametrize("flags, gpus, expected", [
-    ({"avx2", "fma"}, [], "float32"),                                # AVX2 EPYC: bfloat16 would be emulated
-    ({"avx512f", "avx512bw"}, [], "float32"),                        # AVX-512 without BF16
-    ({"avx512f", "avx512_bf16"}, [], "bfloat16"),                    # Cooper Lake, Zen 4
-    ({"amx_bf16", "amx_tile"}, [], "bfloat16"),                      # Sapphire Rapids
-    ({"avx2"}, [(8, 0)], "bfloat16"),                                # A100
-    ({"avx512_bf16"}, [(7, 5)], "float32"),                          # T4: the GPU computes, and it has no bf16
-    ({"avx2"}, [(8, 6), (7, 0)], "float32"),                         # every visible GPU must run it
+
+@pytest.mark.parametrize("flags, gpus, table, expected", [
+    ({"avx2", "fma"}, [], None, "float32"),                               # AVX2 EPYC: bfloat16 would be emulated
+    ({"avx2", "fma"}, [], {"cpu": "bfloat16"}, "float32"),                # ... whatever a table says
+    ({"avx512f", "avx512bw"}, [], None, "float32"),                       # AVX-512 without BF16
+    ({"avx512f", "avx512_bf16"}, [], {"cpu_avx512_bf16": "bfloat16"}, "bfloat16"),  # Zen 4, VGG: measured faster
+    ({"avx512f", "avx512_bf16"}, [], MEASURED, "float32"),                # Zen 4, MobileNet: measured slower
+    ({"avx512f", "avx512_bf16"}, [], None, "float32"),                    # unmeasured on a CPU: never slower
+    ({"amx_bf16", "amx_tile", "avx512_bf16"}, [], {"cpu_amx": "bfloat16", **MEASURED}, "bfloat16"),  # AMX: own key
+    ({"avx2"}, [(8, 0)], None, "bfloat16"),                               # A100: Keras's standard choice
+    ({"avx2"}, [(8, 0)], {"gpu_bf16": "float32"}, "float32"),             # ... unless measured otherwise
+    ({"avx512_bf16"}, [(7, 5)], {"gpu_bf16": "bfloat16"}, "float32"),     # T4: the GPU computes, and it has no bf16
+    ({"avx2"}, [(8, 6), (7, 0)], None, "float32"),                        # every visible GPU must run it
 ])
-def test_auto_precision_follows_the_hardware(flags, gpus, expected):
-    assert auto_precision(flags, gpus) == expected
+def test_auto_precision_follows_the_hardware_and_the_backbones_table(flags, gpus, table, expected):
+    assert auto_precision(flags, gpus, table) == expected
+
+
+def test_a_bad_table_entry_is_one_line():
+    from xfer import XferError
+
+    with pytest.raises(XferError, match=r"^backbone\.precision\.cpu_avx512_bf16: 'fast' is not float32 or bfloat16"):
+        auto_precision({"avx512_bf16"}, [], {"cpu_avx512_bf16": "fast"})
+
+
+def test_every_backbone_has_a_measured_choice_for_bf16_cpus_and_depthwise_nets_stay_float32():
+    """The table bench/featurize.py precision --all --write filled (AMD EPYC with AVX512-BF16): auto resolves as
+    it says, and the depthwise-heavy MobileNets stay float32 (bfloat16 measured 0.67x and 0.89x)."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import REPO
+
+    for conf in sorted((REPO / "conf" / "backbone").glob("*.yaml")):
+        table = OmegaConf.to_container(OmegaConf.load(conf).precision)
+        assert table["cpu_avx512_bf16"] in ("float32", "bfloat16"), conf.name
+        assert auto_precision({"avx512_bf16"}, [], table) == table["cpu_avx512_bf16"], conf.name
+        assert auto_precision({"avx2"}, [], table) == "float32", conf.name
+    for name in ("mobilenet", "mobilenetv2"):
+        assert OmegaConf.load(REPO / "conf" / "backbone" / f"{name}.yaml").precision.cpu_avx512_bf16 == "float32"
 
 
 def test_auto_reads_this_machines_cpu_flags(monkeypatch):
@@ -29,9 +59,9 @@ def test_auto_reads_this_machines_cpu_flags(monkeypatch):
 
     monkeypatch.setattr(runtime, "gpu_capabilities", lambda: [])
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"fpu", "amx_bf16"})
-    assert auto_precision() == "bfloat16"
+    assert auto_precision(table={"cpu_amx": "bfloat16"}) == "bfloat16"
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"fpu", "avx2"})
-    assert auto_precision() == "float32"
+    assert auto_precision(table={"cpu_amx": "bfloat16"}) == "float32"
 
 
 def test_cpu_flags_parses_proc_cpuinfo():
@@ -55,7 +85,7 @@ def test_auto_on_a_bf16_cpu_runs_featurize_and_finetune_in_bfloat16(tmp_path, mo
     monkeypatch.setattr(runtime, "gpu_capabilities", lambda: [])
     try:
         with tiny_project(tmp_path / "proj", ["download", "split"], "bf16") as (root, _):
-            cfg = load_params([*TINY, "runtime.precision=auto"])
+            cfg = load_params([*TINY, "runtime.precision=auto", "backbone.precision.cpu_avx512_bf16=bfloat16"])
             for stage in ("featurize", "views", "trunk", "train_head", "finetune"):
                 __import__(f"stages.{stage}", fromlist=["main"]).main(cfg)
             meta = json.loads((root / "data/features/vgg16/meta.json").read_text())
@@ -109,3 +139,27 @@ def test_jit_true_reaches_every_model_and_xla_refusals_are_one_line(tmp_path, mo
         assert all(on for _, on in calls)
         with pytest.raises(XferError, match=r"^runtime\.jit=true: XLA cannot compile .*determinism"):
             __import__("stages.finetune", fromlist=["main"]).main(cfg)
+
+
+def test_tensorflow_start_up_is_quiet_whoever_imports_it_first():
+    """The filter sits on the import itself: a module that imports Keras before any stage helper did (as the
+    trunk stage's backbone import once did) still starts quietly; other stderr lines pass through."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from xfer.core.quiet import STARTUP_NOISE
+
+    def stderr(code: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+        return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env,
+                              timeout=300).stderr
+
+    bare = stderr("import keras")
+    if not STARTUP_NOISE.search(bare):
+        pytest.skip("this TensorFlow build prints no start-up noise to filter")
+    for code in ("import xfer.nets.backbones", "import xfer, tensorflow as tf; tf.constant(1).numpy()",
+                 "import stages.trunk, keras"):
+        err = stderr(code)
+        assert not STARTUP_NOISE.search(err) and "absl" not in err, f"{code}: {err}"
+    assert "kept" in stderr("import sys, xfer, keras; print('kept', file=sys.stderr)")

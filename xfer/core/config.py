@@ -150,7 +150,7 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
     try:
         cfg = load_params(argv)
         if tensorflow:
-            from xfer.core.runtime import import_tensorflow
+            from xfer.core.quiet import import_tensorflow
 
             import_tensorflow()
         main(cfg)

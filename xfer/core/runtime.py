@@ -1,12 +1,11 @@
-"""How a stage runs TensorFlow: a quiet start-up, seeds and determinism, and one progress bar for training."""
+"""How a stage runs TensorFlow (its quiet start-up is ``xfer.core.quiet``): precision per device, seeds and
+determinism, XLA, and one progress bar for training."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,17 +14,6 @@ from pathlib import Path
 from xfer import XferError
 from xfer.core import signals
 
-# TensorFlow/absl/CUDA start-up lines that say nothing to a CPU user; everything else on stderr still shows.
-STARTUP_NOISE = re.compile(
-    r"All log messages before absl::InitializeLog\(\) is called"
-    r"|Could not find cuda drivers"
-    r"|cuInit|CUDA_ERROR|failed call to cuInit|cuda_executor|cuda_dnn|cuda_blas|cuda_fft"
-    r"|Unable to register cu(DNN|FFT|BLAS) factory"
-    r"|TF-TRT Warning|computation placer already registered"
-    r"|oneDNN custom operations are on"
-    r"|This TensorFlow binary is optimized to use available CPU instructions"
-    r"|To enable the following instructions"
-)
 # MLflow warnings about choices made on purpose: the pyfunc has an explicit signature, so no input example.
 MLFLOW_NOISE = (r".*An input example was not provided when logging the model",)
 
@@ -51,29 +39,9 @@ class _PythonModelObjectNotice(logging.Filter):
         return not record.getMessage().startswith("Passing a Python object as `python_model`")
 
 
-def import_tensorflow() -> None:
-    """Import TensorFlow and Keras with their C++ start-up noise (printed before absl's logging is set up, so
-    TF_CPP_MIN_LOG_LEVEL cannot stop it) filtered out of stderr; any other line is passed through."""
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import keras  # noqa: F401
-            import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        capture.seek(0)
-        lines = capture.read().decode("utf-8", "replace").splitlines()
-    kept = [line for line in lines if line.strip() and not STARTUP_NOISE.search(line)]
-    if kept:
-        print("\n".join(kept), file=sys.stderr)
-
-
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPUs that run bfloat16 natively (AVX512-BF16, AMX)
+# Device kinds that run bfloat16 natively; elsewhere it is emulated and slower, so `auto` is float32 there.
+NATIVE_BF16 = ("gpu_bf16", "cpu_amx", "cpu_avx512_bf16")
+DEVICE_KINDS = ("cpu", "gpu", *NATIVE_BF16)
 
 
 def cpu_flags() -> set[str]:
@@ -94,14 +62,32 @@ def gpu_capabilities() -> list[tuple[int, int]]:
     return [tuple(cc) if cc else (0, 0) for cc in caps]
 
 
-def auto_precision(flags: set[str] | None = None, gpus: list[tuple[int, int]] | None = None) -> str:
-    """``bfloat16`` where the hardware runs it natively (every visible GPU of compute capability >= 8.0; with
-    no GPU, a CPU with AVX512-BF16 or AMX-BF16), ``float32`` elsewhere (emulated bfloat16 is slower)."""
+def device_kind(flags: set[str] | None = None, gpus: list[tuple[int, int]] | None = None) -> str:
+    """What computes, as the precision tables name it: ``gpu_bf16`` (every visible GPU of compute capability
+    >= 8.0), ``gpu`` (older GPUs), ``cpu_amx`` (AMX-BF16), ``cpu_avx512_bf16`` (AVX512-BF16 without AMX) or
+    ``cpu`` (no native bfloat16)."""
     gpus = gpu_capabilities() if gpus is None else gpus
     if gpus:
-        return "bfloat16" if all(cc >= (8, 0) for cc in gpus) else "float32"
+        return "gpu_bf16" if all(cc >= (8, 0) for cc in gpus) else "gpu"
     flags = cpu_flags() if flags is None else flags
-    return "bfloat16" if any(f in flags for f in BF16_CPU_FLAGS) else "float32"
+    if "amx_bf16" in flags:
+        return "cpu_amx"
+    return "cpu_avx512_bf16" if "avx512_bf16" in flags else "cpu"
+
+
+def auto_precision(flags: set[str] | None = None, gpus: list[tuple[int, int]] | None = None,
+                   table: dict[str, str] | None = None) -> str:
+    """What ``runtime.precision: auto`` runs: float32 where bfloat16 would be emulated; on a device kind that has
+    it natively, the backbone's measured choice (``backbone.precision``, a table filled by ``python
+    bench/featurize.py precision --all``), else bfloat16 on GPUs and float32 on CPUs (unmeasured: never slower
+    than float32). Decided from params and the hardware only, never from a timing, so it is deterministic."""
+    kind = device_kind(flags, gpus)
+    if kind not in NATIVE_BF16:
+        return "float32"
+    choice = (table or {}).get(kind) or ("bfloat16" if kind == "gpu_bf16" else "float32")
+    if choice not in ("float32", "bfloat16"):
+        raise XferError(f"backbone.precision.{kind}: '{choice}' is not float32 or bfloat16")
+    return choice
 
 
 JIT_SETTINGS = ("auto", True, False)

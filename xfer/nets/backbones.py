@@ -35,13 +35,14 @@ class Preprocess(keras.layers.Layer):
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
-def set_precision(precision: str) -> str:
-    """Keras mixed precision: ``auto`` (see :func:`xfer.core.runtime.auto_precision`) | ``float32`` | ``bfloat16`` |
-    ``float16`` compute; returns the precision set."""
+def set_precision(precision: str, table: dict[str, str] | None = None) -> str:
+    """Keras mixed precision: ``auto`` (the backbone's measured ``table``, see
+    :func:`xfer.core.runtime.auto_precision`) | ``float32`` | ``bfloat16`` | ``float16`` compute; returns the
+    precision set."""
     from xfer.core.runtime import auto_precision
 
     if precision == "auto":
-        precision = auto_precision()
+        precision = auto_precision(table=dict(table) if table else None)
     if precision not in PRECISIONS:
         raise XferError(f"runtime.precision: '{precision}' is not one of auto, {', '.join(PRECISIONS)}")
     keras.mixed_precision.set_global_policy(PRECISIONS[precision])
