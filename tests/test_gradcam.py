@@ -97,3 +97,27 @@ def test_the_pipeline_classifier_is_cut_inside_its_base_even_when_featurize_pool
                                    atol=1e-5)
         cams = heatmaps(model, x)
         assert cams.shape == (3, 64, 64) and cams.min() >= 0 and cams.max() <= 1
+
+
+def test_the_grid_puts_each_image_beside_its_overlay_under_its_title(tmp_path):
+    from PIL import Image
+
+    from xfer.track.figures import GRID_TILE, explained_grid
+
+    colors = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.float32)
+    images = np.broadcast_to(colors[:, None, None, :], (3, 32, 32, 3))
+    overlays = [np.full((32, 32, 3), 128, np.uint8)] * 3
+    out = tmp_path / "grid.png"
+    explained_grid(images, overlays, ["true cat\npred dog (0.93)"] * 3, out, "none")
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    tile, head = GRID_TILE, 34
+    assert grid.shape == (2 * (tile + head + 8) + 8, 4 * (tile + 8) + 8, 3)  # 3 examples: 2 rows of 2
+    centre = lambda row, col: grid[8 + row * (tile + head + 8) + head + tile // 2, 8 + col * (tile + 8) + tile // 2]  # noqa: E731
+    assert list(centre(0, 0)) == [255, 0, 0] and list(centre(0, 1)) == [128] * 3
+    assert list(centre(0, 2)) == [0, 255, 0] and list(centre(1, 0)) == [0, 0, 255]
+    assert (grid[8 : 8 + head - 2, 8 : 8 + tile] < 128).any()  # the title is drawn above the image
+    explained_grid(np.zeros((0, 32, 32, 3)), [], [], tmp_path / "empty.png", "no misclassified test images")
+    assert (np.asarray(Image.open(tmp_path / "empty.png").convert("L")) < 128).any()
+    first = out.read_bytes()
+    explained_grid(images, overlays, ["true cat\npred dog (0.93)"] * 3, out, "none")
+    assert out.read_bytes() == first
