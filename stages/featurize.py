@@ -20,7 +20,7 @@ from xfer.core.files import atomic_dir, write_json
 from xfer.data.fetch import sha256_of
 from xfer.data.paths import METRICS, SPLIT_NAMES, feature_dir, image_paths, read_manifest
 from xfer.nets.features import BASE_WEIGHTS, DTYPES, featurize_split
-from xfer.track.recorder import log_metric, log_metrics, log_param, set_tag
+from xfer.track.recorder import log_metric, log_metrics, log_param, log_params, set_tag
 from xfer.track.runs import log_inputs, stage_run
 
 
@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> None:
     if f.dtype not in DTYPES:
         raise XferError(f"featurize.dtype: '{f.dtype}' is not one of {', '.join(DTYPES)}")
     precision = set_precision(cfg.runtime.precision)
-    with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]), distributed(strategy):
+    with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]), distributed(strategy, log_params):
         log_param("precision_used", precision)  # what runtime.precision=auto chose
         log_inputs(cfg, *SPLIT_NAMES)
         base = build_base(b, pooling=f.pooling)

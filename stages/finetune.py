@@ -23,7 +23,7 @@ from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, write_json
 from xfer.data.paths import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, image_paths, load_features, read_manifest
 from xfer.track.figures import log_figure, training_curves
-from xfer.track.recorder import log_artifact, log_metric, log_metrics, log_param
+from xfer.track.recorder import log_artifact, log_metric, log_metrics, log_param, log_params
 from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
 
 TRANSPLANT_TOLERANCE = 1e-3
@@ -83,7 +83,8 @@ def main(cfg: DictConfig) -> None:
     f = cfg.finetune
     if not HEAD_MODEL.is_file():
         raise XferError(f"{HEAD_MODEL} not found; run the train_head stage first")
-    with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed", "runtime"]), distributed(strategy):
+    sections = ["finetune", "backbone.unfreeze_from", "seed", "runtime"]
+    with stage_run("finetune", cfg, sections), distributed(strategy, log_params):
         head = keras.saving.load_model(str(HEAD_MODEL))  # in the scope: its variables on every replica
         outputs = int(head.output_shape[-1])
         n_classes = 2 if outputs == 1 else outputs

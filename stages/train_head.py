@@ -17,7 +17,7 @@ from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, read_json, write_json
 from xfer.data.paths import CLASSES, HEAD_MODEL, METRICS, PLOTS, load_features, load_training_features
 from xfer.track.figures import log_figure, training_curves
-from xfer.track.recorder import log_artifact, log_metrics, log_param
+from xfer.track.recorder import log_artifact, log_metrics, log_param, log_params
 from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
 
 
@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
     n_classes = len(read_json(CLASSES))
     x_train, y_train, views = load_training_features(cfg.backbone.name)
     x_val, y_val = load_features(cfg.backbone.name, "val")
-    with stage_run("train_head", cfg, ["head", "seed", "runtime"]), distributed(strategy):
+    with stage_run("train_head", cfg, ["head", "seed", "runtime"]), distributed(strategy, log_params):
         log_inputs(cfg, "train", "val")
         model = build_head(x_train.shape[1:], n_classes, h)
         check_loss_scaling(strategy)

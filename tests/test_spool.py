@@ -208,3 +208,26 @@ def test_a_record_the_store_refuses_fails_the_stage_as_before(store):
     with pytest.raises(MlflowException):
         rec.close(30)
     assert not spool.pending()
+
+
+def test_the_next_stage_replays_the_spool_before_it_closes_abandoned_runs(store, tmp_path, tiny_cfg, monkeypatch,
+                                                                            capsys):
+    from xfer.track.runs import experiment_name, stage_run
+
+    client = store["client"]
+    exp = client.create_experiment(experiment_name(tiny_cfg))  # where the next stage closes abandoned runs
+    store = {**store, "run": client.create_run(exp, tags={"mlflow.parentRunId": store["parent"]}).info.run_id}
+    run = store["run"]
+    dead = {"xfer.host": __import__("socket").gethostname(), "xfer.pid": "999999", "xfer.pid_started": "1"}
+    for key, value in dead.items():  # its process is gone: without the spool it would be closed as KILLED
+        client.set_tag(run, key, value)
+    path, _ = write_spool(store, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    monkeypatch.setenv("XFER_PIPELINE_ID", "next")
+    monkeypatch.setenv("XFER_TRACKING_WAIT", "30")
+    with stage_run("download", tiny_cfg, ["data"]):
+        pass
+    assert not path.exists() and "replayed 7 records" in capsys.readouterr().err
+    got = client.get_run(run)
+    assert got.info.status == "FINISHED" and "xfer.closed_because" not in got.data.tags
+    assert [len(v) for v in history(store).values()] == [3, 3]
