@@ -132,8 +132,7 @@ def main() -> None:
     model.fit(x[:64], y[:64], epochs=1, batch_size=32, verbose=0)  # warm up: tracing outside the rows
     rows = {}
 
-    def recorded(name: str) -> None:
-        run_id = client.create_run(exp).info.run_id
+    def recorded(name: str, run_id: str) -> None:
         rec = Recorder(client, run_id, run_id, "bench", uri)
         rec_mod.activate(rec)
         started = time.perf_counter()
@@ -145,16 +144,15 @@ def main() -> None:
         rows[name] = (seconds, total, "spooled" if where else "sent")
         if where:
             shutil.rmtree(where)
-        return run_id
 
-    recorded("server up, recorder")
-    sync_run = client.create_run(exp).info.run_id
+    runs = [client.create_run(exp).info.run_id for _ in range(3)]  # ids come from the server, before the outage
+    recorded("server up, recorder", runs[0])
     os.killpg(server.pid, signal.SIGKILL)  # absent from here on: connections refused
     server.wait()
     time.sleep(1)
-    recorded("server down, recorder")
+    recorded("server down, recorder", runs[1])
     started = time.perf_counter()
-    seconds = fit(model, x, y, args.epochs, synchronous_logger(sync_run))
+    seconds = fit(model, x, y, args.epochs, synchronous_logger(runs[2]))
     rows[f"server down, synchronous (retries {args.retries}, backoff {args.backoff})"] = (
         seconds, time.perf_counter() - started, "lost")
     shutil.rmtree(work, ignore_errors=True)

@@ -37,6 +37,7 @@ from xfer.track.figures import confusion_figure, log_figure, roc_figure
 from xfer.track.metrics import as_matrix, classification_metrics, roc_points
 from xfer.track.recorder import log_artifact, log_dict, log_metrics
 from xfer.track.runs import log_inputs, stage_run
+from xfer.track.store import answers, tracking_uri
 
 MISCLASSIFIED, CORRECT = REPORTS / "misclassified.png", REPORTS / "correct.png"
 REPORT = REPORTS / "evaluate.json"
@@ -104,8 +105,11 @@ def main(cfg: DictConfig) -> None:
             log_artifact(str(artifact))
         log_figure(roc_figure(fpr, tpr, final["auc"]), "roc.png", parent=True)
         log_figure(confusion_figure(final["confusion_matrix"], classes), "confusion_matrix.png", parent=True)
-        registered = (register(cfg, run, CLASSES, FINAL_MODEL, metrics) if cfg.evaluate.register
-                      else "not registered")
+        registered = "not registered"
+        if cfg.evaluate.register and answers(tracking_uri()):
+            registered = register(cfg, run, CLASSES, FINAL_MODEL, metrics)
+        elif cfg.evaluate.register:  # the rest of the run's records wait in the spool; the outputs are kept
+            registered = "not registered: the tracking server did not answer (`dvc repro -f evaluate` later)"
     summary = {k: round(float(metrics[k]), 4) for k in compared}
     print(f"evaluate: {json.dumps(summary)}; model {registered}")
 
