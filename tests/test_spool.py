@@ -168,7 +168,8 @@ def test_the_recorder_never_waits_for_the_store_and_spools_what_it_did_not_take(
     assert client.waiting.wait(10) and not client.back.is_set()  # the first record is stuck in the store
     rec.log_params({"lr": "0.001"})
     rec.end("FINISHED")
-    refresh = {"op": "refresh", "run_id": store["parent"], "stage": "finetune", "pipeline_id": "p", "cfg": {}}
+    refresh = {"op": "refresh", "run_id": store["parent"], "stage": "finetune", "pipeline_id": "p", "cfg": {},
+               "project": str(store["root"]), "stage_run_id": store["run"]}
     path = rec.close(0.2, [refresh])
     assert path is not None and path.parent == store["root"] / "mlruns" / "spool"
     kinds = [op["op"] for op in spool.load(path)["ops"]]
@@ -231,3 +232,14 @@ def test_the_next_stage_replays_the_spool_before_it_closes_abandoned_runs(store,
     got = client.get_run(run)
     assert got.info.status == "FINISHED" and "xfer.closed_because" not in got.data.tags
     assert [len(v) for v in history(store).values()] == [3, 3]
+
+
+def test_a_summary_refresh_whose_project_is_gone_only_ends_the_parent(store, tmp_path):
+    header = {"tracking_uri": store["uri"], "stage": "finetune", "run_id": store["run"],
+              "parent_run_id": store["parent"]}
+    refresh = {"op": "refresh", "run_id": store["parent"], "stage": "finetune", "pipeline_id": "p", "cfg": {},
+               "project": str(tmp_path / "deleted-dvc-temp-workspace"), "stage_run_id": store["run"]}
+    spool.write(header, [refresh])
+    assert spool.replay(store["client"], store["uri"], say=lambda line: None) == (1, 0)
+    parent = store["client"].get_run(store["parent"])
+    assert parent.info.status == "FINISHED" and "stage.finetune" not in parent.data.tags

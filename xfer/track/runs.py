@@ -224,7 +224,11 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
     name = (f"scratch-{cfg.scratch.name}" if stage == "scratch" else stage if stage in BACKBONE_FREE
             else f"{stage}-{cfg.backbone.name}")
     started = time.perf_counter()
-    run = retry_locked(mlflow.start_run, experiment_id=experiment_id, run_name=name, tags=tags)
+    try:
+        run = retry_locked(mlflow.start_run, experiment_id=experiment_id, run_name=name, tags=tags)
+    except BaseException as exc:
+        retry_locked(client.set_terminated, parent, "KILLED" if interrupted(exc) else "FAILED")
+        raise
     rec = Recorder(client, run.info.run_id, parent, stage, uri)
     activate(rec)
     try:
@@ -251,7 +255,8 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
         })
         rec.end("FINISHED")
         summary = {"op": "refresh", "run_id": parent, "stage": stage, "pipeline_id": pid,
-                   "cfg": OmegaConf.to_container(cfg, resolve=True)}
+                   "cfg": OmegaConf.to_container(cfg, resolve=True), "project": str(project_root()),
+                   "stage_run_id": run.info.run_id}
         if _finish(rec, wait_seconds(), [summary]):
             return
     finally:

@@ -36,7 +36,7 @@ OPS: dict[str, tuple[str, ...]] = {
     "inputs": ("datasets",),  # [{context, name, digest, source_type, source, schema, profile}]
     "artifact": ("path", "artifact_path"),  # in a spool also: file (under files/), size, sha256
     "end": ("status", "end_time"),
-    "refresh": ("stage", "pipeline_id", "cfg"),  # the parent run's summary (xfer.track.summary.refresh)
+    "refresh": ("stage", "pipeline_id", "cfg", "project", "stage_run_id"),  # the parent's summary (summary.refresh)
 }
 HEADER = ("format", "tracking_uri", "stage", "run_id", "parent_run_id", "ops")
 
@@ -213,12 +213,24 @@ def send(client, op: dict[str, Any], history: History | None = None, base: Path 
         retry_locked(client.log_artifact, run_id, str(path), op["artifact_path"])
     elif kind == "end":
         retry_locked(client.set_terminated, run_id, op["status"], int(op["end_time"]))
-    elif kind == "refresh":
+    elif kind == "refresh":  # from the stage's project folder, if it still holds that stage's outputs
+        from contextlib import chdir
+
         from omegaconf import OmegaConf
 
+        from xfer.data.paths import RUNS
         from xfer.track.summary import refresh
 
-        refresh(client, run_id, op["stage"], op["pipeline_id"], OmegaConf.create(op["cfg"]), "FINISHED")
+        project = Path(op["project"])
+        try:
+            same = json.loads((project / RUNS / f"{op['stage']}.json").read_text())["run_id"] == op["stage_run_id"]
+        except (OSError, ValueError, KeyError):
+            same = False
+        if not same:  # e.g. a DVC temp workspace since deleted: the next stage of that pipeline summarizes it
+            retry_locked(client.set_terminated, run_id, "FINISHED")
+            return
+        with chdir(project):
+            refresh(client, run_id, op["stage"], op["pipeline_id"], OmegaConf.create(op["cfg"]), "FINISHED")
     else:
         raise SpoolError(f"unknown record kind {kind!r}")
 
