@@ -24,7 +24,7 @@ from xfer.data.paths import RUNS
 from xfer.track import spool
 from xfer.track.recorder import Recorder, activate, active, wait_seconds
 from xfer.track.store import prepare_database, tracking_uri
-from xfer.track.summary import UPSTREAM, experiment_tags, open_parent, refresh, shown, split_datasets
+from xfer.track.summary import UPSTREAM, experiment_tags, open_parent, shown, split_datasets
 
 BACKBONE_FREE = ("download", "split", "scratch")  # stages whose runs are not named or tagged after a backbone
 
@@ -191,7 +191,7 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
               ) -> Iterator[Any]:
     """Start the MLflow run of one stage, nested in its pipeline's parent run; log its params (``effective``
     replaces the logged value of a key, e.g. the name a null setting resolved to) and record its run id and wall
-    time in reports/runs/<stage>.json; then refresh the parent's summary.
+    time in reports/runs/<stage>.json; then refresh the parent's summary (xfer.track.summary.refresh).
 
     The tracking server must answer when the stage starts (the run and its id come from it; the spool of an
     earlier stage is replayed first). From then on the stage's records go through a :class:`Recorder` and never
@@ -254,23 +254,18 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
             "seconds": round(time.perf_counter() - started, 2),
         })
         rec.end("FINISHED")
-        summary = {"op": "refresh", "run_id": parent, "stage": stage, "pipeline_id": pid,
-                   "cfg": OmegaConf.to_container(cfg, resolve=True), "project": str(project_root()),
-                   "stage_run_id": run.info.run_id}
-        if _finish(rec, wait_seconds(), [summary]):
-            return
+        rec.put({"op": "refresh", "run_id": parent, "stage": stage, "pipeline_id": pid,  # the parent's summary
+                 "cfg": OmegaConf.to_container(cfg, resolve=True), "project": str(project_root()),
+                 "stage_run_id": run.info.run_id})
+        try:
+            _finish(rec, wait_seconds(), [])
+        except Exception:  # the store refused a record (a 4xx): the stage fails, as any error would
+            for run_id in (run.info.run_id, parent):
+                retry_locked(client.set_terminated, run_id, "FAILED")
+            raise
     finally:
         activate(None)
         _drop_active_run()
-    try:
-        refresh(client, parent, stage, pid, cfg, "FINISHED")
-    except Exception as exc:
-        if not spool.is_transient(exc):
-            raise
-        where = spool.write({"tracking_uri": uri, "stage": stage, "run_id": run.info.run_id,
-                             "parent_run_id": parent}, [summary])
-        print(f"tracking: {uri} stopped answering before the pipeline's summary was updated; kept in "
-              f"{where.relative_to(repo_root())}/, replayed by the next stage or `xfer sync`", file=sys.stderr)
 
 
 def log_inputs(cfg: DictConfig, *splits: str) -> None:

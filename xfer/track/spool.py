@@ -229,8 +229,12 @@ def send(client, op: dict[str, Any], history: History | None = None, base: Path 
         if not same:  # e.g. a DVC temp workspace since deleted: the next stage of that pipeline summarizes it
             retry_locked(client.set_terminated, run_id, "FINISHED")
             return
-        with chdir(project):
-            refresh(client, run_id, op["stage"], op["pipeline_id"], OmegaConf.create(op["cfg"]), "FINISHED")
+        cfg = OmegaConf.create(op["cfg"])
+        if project.resolve() == Path.cwd().resolve():  # the stage itself (its recorder's thread: no chdir)
+            refresh(client, run_id, op["stage"], op["pipeline_id"], cfg, "FINISHED")
+        else:  # a replay from elsewhere (xfer sync, another workspace's stage)
+            with chdir(project):
+                refresh(client, run_id, op["stage"], op["pipeline_id"], cfg, "FINISHED")
     else:
         raise SpoolError(f"unknown record kind {kind!r}")
 
