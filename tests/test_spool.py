@@ -136,6 +136,7 @@ def test_a_corrupt_or_partial_spool_is_one_line_and_left_in_place(store, tmp_pat
     assert {p: sorted(f.relative_to(p) for f in p.rglob("*")) for p in spool.pending()} == before
     run = store["client"].get_run(store["run"])
     assert run.info.status == "RUNNING" and not run.data.metrics and not run.data.params  # nothing of it applied
+    assert store["run"] in spool.spooled_runs()  # not closed as abandoned while its records wait
 
 
 def test_a_spool_for_another_store_waits_for_it(store, tmp_path):
@@ -163,8 +164,14 @@ class Outage:
 def test_the_recorder_never_waits_for_the_store_and_spools_what_it_did_not_take(store, tmp_path):
     client = Outage(store["client"])
     rec = Recorder(client, store["run"], store["parent"], "finetune", store["uri"])
-    for epoch in range(3):  # would block here (and the test hang) if logging waited for the store
-        rec.log_metrics({"loss": 1.0 / (epoch + 1), "val_accuracy": 0.5 + epoch / 10}, step=epoch)
+    def epochs():
+        for epoch in range(3):
+            rec.log_metrics({"loss": 1.0 / (epoch + 1), "val_accuracy": 0.5 + epoch / 10}, step=epoch)
+
+    training = threading.Thread(target=epochs, daemon=True)
+    training.start()
+    training.join(30)
+    assert not training.is_alive(), "logging an epoch waited for the store"
     assert client.waiting.wait(10) and not client.back.is_set()  # the first record is stuck in the store
     rec.log_params({"lr": "0.001"})
     rec.end("FINISHED")

@@ -251,6 +251,7 @@ def spooled_runs() -> set[str]:
     """Ids of the runs that have records waiting (their processes are gone, yet they are not abandoned)."""
     ids = set()
     for path in pending():
+        ids.add(path.name.removeprefix(".writing-").split(".")[0].rsplit("-", 1)[-1])  # <stage>-<run id>[.n]
         try:
             data = json.loads((path / "spool.json").read_text())
             ids.update(op["run_id"] for op in data["ops"] if isinstance(op, dict) and "run_id" in op)
