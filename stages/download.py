@@ -24,10 +24,10 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import require, run_cli
 from xfer.core.files import atomic_dir, write_json
-from xfer.core.retry import retry_locked
 from xfer.data.fetch import class_root, extract, fetch
 from xfer.data.images import normalise_image, write_synthetic
 from xfer.data.paths import CLASSES, IMAGES, METRICS, RAW, REPORTS
+from xfer.track.recorder import log_artifact, log_metrics
 from xfer.track.runs import stage_run
 
 REPORT = REPORTS / "download.json"
@@ -133,10 +133,9 @@ def main(cfg: DictConfig) -> None:
         write_json(tmp / CLASSES.relative_to(RAW), classes)
         write_json(REPORT, report)
         write_json(METRICS / "download.json", {"kept": report["kept"], "dropped": report["dropped_total"]})
-        import mlflow
 
-        retry_locked(mlflow.log_metrics, {"images_kept": report["kept"], "images_dropped": report["dropped_total"]})
-        retry_locked(mlflow.log_artifact, str(REPORT))
+        log_metrics({"images_kept": report["kept"], "images_dropped": report["dropped_total"]})
+        log_artifact(str(REPORT))
     per_class = ", ".join(f"{c}: {v['kept']} kept / {v['dropped']} dropped" for c, v in report["classes"].items())
     print(f"download: {report['kept']} images in {len(classes)} classes ({per_class})")
 

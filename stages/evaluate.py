@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, read_json, write_json
-from xfer.core.retry import retry_locked
 from xfer.data.paths import (
     CLASSES,
     FINAL_MODEL,
@@ -36,7 +35,9 @@ from xfer.data.paths import (
 )
 from xfer.track.figures import confusion_figure, log_figure, roc_figure
 from xfer.track.metrics import as_matrix, classification_metrics, roc_points
+from xfer.track.recorder import log_artifact, log_dict, log_metrics
 from xfer.track.runs import log_inputs, stage_run
+from xfer.track.store import answers, tracking_uri
 
 MISCLASSIFIED, CORRECT = REPORTS / "misclassified.png", REPORTS / "correct.png"
 REPORT = REPORTS / "evaluate.json"
@@ -47,7 +48,6 @@ COMPARED = ("test_accuracy", "test_loss", "test_auc", "test_ece", "test_f1_macro
 
 def main(cfg: DictConfig) -> None:
     import keras
-    import mlflow
 
     from xfer.nets.gradcam import explain_images
     from xfer.nets.serving import Predictor, check_tta, register, registered_name
@@ -99,14 +99,17 @@ def main(cfg: DictConfig) -> None:
             pd.DataFrame({"fpr": fpr.round(6), "tpr": tpr.round(6)}).to_csv(tmp, index=False, lineterminator="\n")
         explain_images(predictor.model, image_paths(test), y, probs, classes, int(cfg.evaluate.misclassified),
                        int(cfg.evaluate.correct_per_class), MISCLASSIFIED, CORRECT)
-        retry_locked(mlflow.log_metrics, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        retry_locked(mlflow.log_dict, metrics, "evaluate.json")
+        log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_dict(metrics, "evaluate.json")
         for artifact in (MISCLASSIFIED, CORRECT, PLOTS / "roc.csv", PLOTS / "test_predictions.csv"):
-            retry_locked(mlflow.log_artifact, str(artifact))
+            log_artifact(str(artifact))
         log_figure(roc_figure(fpr, tpr, final["auc"]), "roc.png", parent=True)
         log_figure(confusion_figure(final["confusion_matrix"], classes), "confusion_matrix.png", parent=True)
-        registered = (register(cfg, run, CLASSES, FINAL_MODEL, metrics) if cfg.evaluate.register
-                      else "not registered")
+        registered = "not registered"
+        if cfg.evaluate.register and answers(tracking_uri()):
+            registered = register(cfg, run, CLASSES, FINAL_MODEL, metrics)
+        elif cfg.evaluate.register:  # the rest of the run's records wait in the spool; the outputs are kept
+            registered = "not registered: the tracking server did not answer (`dvc repro -f evaluate` later)"
     summary = {k: round(float(metrics[k]), 4) for k in compared}
     print(f"evaluate: {json.dumps(summary)}; model {registered}")
 

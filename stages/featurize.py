@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_dir, write_json
-from xfer.core.retry import retry_locked
 from xfer.data.fetch import sha256_of
 from xfer.data.paths import METRICS, SPLIT_NAMES, feature_dir, image_paths, read_manifest
 from xfer.nets.features import BASE_WEIGHTS, DTYPES, featurize_split
+from xfer.track.recorder import log_metric, log_metrics, log_param, log_params, set_tag
 from xfer.track.runs import log_inputs, stage_run
 
 
@@ -30,7 +30,6 @@ def weights_sha256(weights: str | None) -> str | None:
 
 
 def main(cfg: DictConfig) -> None:
-    import mlflow
 
     from xfer.core.distribute import distributed, strategy_for
     from xfer.core.runtime import seed_everything, set_jit, use_jit
@@ -42,19 +41,19 @@ def main(cfg: DictConfig) -> None:
     if f.dtype not in DTYPES:
         raise XferError(f"featurize.dtype: '{f.dtype}' is not one of {', '.join(DTYPES)}")
     precision = set_precision(cfg.runtime.precision, b.get("precision"))
-    with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]), distributed(strategy):
-        retry_locked(mlflow.log_param, "precision_used", precision)  # what runtime.precision=auto chose
+    with stage_run("featurize", cfg, ["backbone", "featurize", "runtime"]), distributed(strategy, log_params):
+        log_param("precision_used", precision)  # what runtime.precision=auto chose
         log_inputs(cfg, *SPLIT_NAMES)
         base = build_base(b, pooling=f.pooling)
         jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
         set_jit(base, jit)
-        retry_locked(mlflow.log_param, "jit_used", jit)
+        log_param("jit_used", jit)
         sha = weights_sha256(b.weights)
         meta = {"backbone": b.name, "image_size": int(b.image_size), "feature_shape": list(base.output_shape[1:]),
                 "pooling": f.pooling, "dtype": f.dtype, "precision": precision,
                 "weights": str(b.weights), "weights_sha256": sha, "splits": {}}
         if sha:
-            retry_locked(mlflow.set_tag, "weights_sha256", sha)
+            set_tag("weights_sha256", sha)
         seconds = {}
         with atomic_dir(feature_dir(b.name)) as tmp:
             for split in SPLIT_NAMES:
@@ -63,13 +62,13 @@ def main(cfg: DictConfig) -> None:
                                       int(f.batch_size), f.dtype)
                 meta["splits"][split] = {"images": len(manifest)}
                 seconds[split] = len(manifest) / ips
-                retry_locked(mlflow.log_metric, f"{split}_images_per_sec", ips)
+                log_metric(f"{split}_images_per_sec", ips)
             backbone_cnn(base).save_weights(str(tmp / BASE_WEIGHTS))
             write_json(tmp / "meta.json", meta)
         total = sum(v["images"] for v in meta["splits"].values())
         ips = total / sum(seconds.values())
         write_json(METRICS / "featurize.json", {"images_per_sec": round(ips, 1)})
-        retry_locked(mlflow.log_metrics, {"feature_size": int(np.prod(base.output_shape[1:])),
+        log_metrics({"feature_size": int(np.prod(base.output_shape[1:])),
                                           "backbone_params": base.count_params(), "images_per_sec": ips})
     print(f"featurize: {b.name} features {tuple(meta['feature_shape'])} for "
           + ", ".join(f"{s} {v['images']}" for s, v in meta["splits"].items()) + f" images at {ips:.1f} img/s")

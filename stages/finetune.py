@@ -21,9 +21,9 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, write_json
-from xfer.core.retry import retry_locked
 from xfer.data.paths import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, image_paths, load_features, read_manifest
 from xfer.track.figures import log_figure, training_curves
+from xfer.track.recorder import log_artifact, log_metric, log_metrics, log_param, log_params
 from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
 
 TRANSPLANT_TOLERANCE = 1e-3
@@ -71,7 +71,6 @@ def transplant_check(model, head, cfg: DictConfig) -> float:
 
 def main(cfg: DictConfig) -> None:
     import keras
-    import mlflow
 
     from xfer.core.distribute import check_loss_scaling, distributed, strategy_for
     from xfer.core.runtime import progress_bar, seed_everything, use_jit, xla_errors
@@ -84,15 +83,16 @@ def main(cfg: DictConfig) -> None:
     f = cfg.finetune
     if not HEAD_MODEL.is_file():
         raise XferError(f"{HEAD_MODEL} not found; run the train_head stage first")
-    with stage_run("finetune", cfg, ["finetune", "backbone.unfreeze_from", "seed", "runtime"]), distributed(strategy):
+    sections = ["finetune", "backbone.unfreeze_from", "seed", "runtime"]
+    with stage_run("finetune", cfg, sections), distributed(strategy, log_params):
         head = keras.saving.load_model(str(HEAD_MODEL))  # in the scope: its variables on every replica
         outputs = int(head.output_shape[-1])
         n_classes = 2 if outputs == 1 else outputs
         model, base = assemble(cfg, head, seed)
-        retry_locked(mlflow.log_param, "precision_used", keras.mixed_precision.global_policy().compute_dtype)
+        log_param("precision_used", keras.mixed_precision.global_policy().compute_dtype)
         log_inputs(cfg, "train", "val")
         diff = transplant_check(model, head, cfg)
-        retry_locked(mlflow.log_metric, "transplant_max_abs_diff", diff)
+        log_metric("transplant_max_abs_diff", diff)
         if diff > TRANSPLANT_TOLERANCE:
             raise XferError(f"assembled model disagrees with the head on cached features (max diff {diff:.2e} > "
                             f"{TRANSPLANT_TOLERANCE}); preprocessing or backbone weights differ from featurize's")
@@ -102,7 +102,7 @@ def main(cfg: DictConfig) -> None:
                 trainable = unfreeze_top(base, cfg.backbone.unfreeze_from)
                 check_loss_scaling(strategy)
                 jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
-                retry_locked(mlflow.log_param, "jit_used", jit)
+                log_param("jit_used", jit)
                 plan = fit_plan(cfg, model, base, head,  # compiles after `trainable`
                                 lambda m, steps: compile_model(m, f, n_classes, steps_per_epoch=steps, jit=jit))
                 best = Path(tmp) / "best.weights.h5"
@@ -130,10 +130,10 @@ def main(cfg: DictConfig) -> None:
                 compile_model(model, f, n_classes, steps_per_epoch=1)  # exported only, never trained
             save_model(model, FINAL_MODEL)
         write_json(METRICS / "finetune.json", metrics)
-        retry_locked(mlflow.log_metrics, details)  # the kept model's val_* are the fit's at best_epoch
+        log_metrics(details)  # the kept model's val_* are the fit's at best_epoch
         if f.enabled:
             log_figure(training_curves(PLOTS / "finetune.csv", f"fine-tuning {cfg.backbone.name}"), "curves.png")
-        retry_locked(mlflow.log_artifact, str(FINAL_MODEL), artifact_path="keras_model")
+        log_artifact(str(FINAL_MODEL), artifact_path="keras_model")
     print(f"finetune: {json.dumps({**metrics, **details})}")
 
 

@@ -20,10 +20,10 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, read_json, write_json
-from xfer.core.retry import retry_locked
 from xfer.data.paths import CLASSES, METRICS, MODELS, PLOTS, REPORTS, RUNS, image_paths, read_manifest
 from xfer.track.figures import confusion_figure, log_figure, roc_figure, training_curves
 from xfer.track.metrics import classification_metrics, roc_points
+from xfer.track.recorder import log_artifact, log_dict, log_metrics
 from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
 from xfer.track.summary import scratch_digest
 
@@ -55,7 +55,6 @@ def main(cfg: DictConfig) -> None:
     if s.name == "none":
         return disabled()
     import keras
-    import mlflow
 
     from xfer.core.runtime import progress_bar, seed_everything, use_jit, xla_errors
     from xfer.data.images import image_dataset
@@ -108,15 +107,15 @@ def main(cfg: DictConfig) -> None:
         explain_images(model, image_paths(test), y, probs, classes, int(cfg.evaluate.misclassified),
                        int(cfg.evaluate.correct_per_class), OUT_IMAGES / "misclassified.png",
                        OUT_IMAGES / "correct.png")
-        retry_locked(mlflow.log_metrics, {k: v for k, v in report.items()
+        log_metrics({k: v for k, v in report.items()
                                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        retry_locked(mlflow.log_dict, report, "scratch.json")
+        log_dict(report, "scratch.json")
         for image in sorted(OUT_IMAGES.glob("*.png")):
-            retry_locked(mlflow.log_artifact, str(image))
+            log_artifact(str(image))
         log_figure(training_curves(CURVES, f"{s.name} trained from scratch"), "curves.png")
         log_figure(roc_figure(*roc_points(y, probs), final["auc"]), "roc.png")
         log_figure(confusion_figure(final["confusion_matrix"], classes), "confusion_matrix.png")
-        retry_locked(mlflow.log_artifact, str(OUT_MODELS / f"{s.name}.keras"), artifact_path="keras_model")
+        log_artifact(str(OUT_MODELS / f"{s.name}.keras"), artifact_path="keras_model")
         run_id = run.info.run_id
     print(f"scratch: {json.dumps({k: round(float(report[k]), 4) for k in COMPARED})}; "
           f"{report['stopped_epoch']} epochs; run {run_id[:8]}")

@@ -18,8 +18,8 @@ from sklearn.utils import shuffle
 from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_dir, read_json, write_json
-from xfer.core.retry import retry_locked
 from xfer.data.paths import CLASSES, IMAGES, REPORTS, SPLIT_NAMES, SPLITS
+from xfer.track.recorder import log_metric, log_metrics
 from xfer.track.runs import log_inputs, stage_run
 
 
@@ -89,10 +89,9 @@ def main(cfg: DictConfig) -> None:
         report = {name: frame["class"].value_counts().sort_index().to_dict() for name, frame in parts.items()}
         report.update(duplicates_dropped=len(duplicates), duplicates=duplicates)
         write_json(REPORTS / "split.json", report)
-        import mlflow
 
-        retry_locked(mlflow.log_metrics, {f"{name}_images": len(frame) for name, frame in parts.items()})
-        retry_locked(mlflow.log_metric, "duplicates_dropped", len(duplicates))
+        log_metrics({f"{name}_images": len(frame) for name, frame in parts.items()})
+        log_metric("duplicates_dropped", len(duplicates))
         log_inputs(cfg, *parts)
     print("split: " + ", ".join(f"{n} {len(f)}" for n, f in parts.items())
           + f" ({len(duplicates)} duplicate files dropped)")

@@ -15,15 +15,14 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, read_json, write_json
-from xfer.core.retry import retry_locked
 from xfer.data.paths import CLASSES, HEAD_MODEL, METRICS, PLOTS, load_features, load_training_features
 from xfer.track.figures import log_figure, training_curves
+from xfer.track.recorder import log_artifact, log_metrics, log_param, log_params
 from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
 
 
 def main(cfg: DictConfig) -> None:
     import keras
-    import mlflow
 
     from xfer.core.distribute import check_loss_scaling, distributed, strategy_for
     from xfer.core.runtime import progress_bar, seed_everything, use_jit, xla_errors
@@ -37,12 +36,12 @@ def main(cfg: DictConfig) -> None:
     n_classes = len(read_json(CLASSES))
     x_train, y_train, views = load_training_features(cfg.backbone.name)
     x_val, y_val = load_features(cfg.backbone.name, "val")
-    with stage_run("train_head", cfg, ["head", "seed", "runtime"]), distributed(strategy):
+    with stage_run("train_head", cfg, ["head", "seed", "runtime"]), distributed(strategy, log_params):
         log_inputs(cfg, "train", "val")
         model = build_head(x_train.shape[1:], n_classes, h)
         check_loss_scaling(strategy)
         jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
-        retry_locked(mlflow.log_param, "jit_used", jit)
+        log_param("jit_used", jit)
         compile_model(model, h, n_classes, steps_per_epoch=-(-len(x_train) // int(h.batch_size)), jit=jit)
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "head.csv") as curves:
             best = Path(tmp) / "best.weights.h5"
@@ -59,10 +58,10 @@ def main(cfg: DictConfig) -> None:
         metrics = {"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_acc), 6)}
         write_json(METRICS / "head.json", metrics)
         fit = fit_metrics(history, int(h.epochs))
-        retry_locked(mlflow.log_metrics, {**fit, "params": model.count_params(), "train_rows": len(x_train),
+        log_metrics({**fit, "params": model.count_params(), "train_rows": len(x_train),
                                           "train_views": views})
         log_figure(training_curves(PLOTS / "head.csv", f"head on {cfg.backbone.name} features"), "curves.png")
-        retry_locked(mlflow.log_artifact, str(HEAD_MODEL), artifact_path="head_model")
+        log_artifact(str(HEAD_MODEL), artifact_path="head_model")
     print(f"train_head: {json.dumps({**metrics, 'epochs': fit['stopped_epoch']})}")
 
 

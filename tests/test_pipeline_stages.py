@@ -364,3 +364,20 @@ def test_a_pipeline_whose_stages_were_cached_still_has_their_summary(tiny_run, m
     assert board["model"].value_counts().to_dict() == {"vgg16/finetuned": 2, "vgg16/head": 1,
                                                        "scratch/xception_mini": 1}
     assert "second" in set(board["pipeline_id"])
+
+
+def test_evaluate_keeps_its_outputs_when_the_server_is_gone_before_registering(tiny_run, monkeypatch, capsys):
+    import mlflow
+
+    import stages.evaluate as evaluate
+
+    root, cfg = tiny_run
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    versions = len(client.search_model_versions("name='synthetic-classifier'"))
+    monkeypatch.setattr(evaluate, "answers", lambda uri: False)
+    evaluate.main(cfg)
+    assert "model not registered: the tracking server did not answer" in capsys.readouterr().out
+    assert len(client.search_model_versions("name='synthetic-classifier'")) == versions
+    assert read_json(root / "reports/runs/evaluate.json")["run_id"] in {
+        r.info.run_id for r in client.search_runs([client.get_experiment_by_name("synthetic").experiment_id],
+                                                  "attributes.status = 'FINISHED' and tags.stage = 'evaluate'")}

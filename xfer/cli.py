@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("xfer.track.compare", "the leaderboard of the pipeline runs in MLflow, with the params that differ"),
     "params": ("xfer.core.params", "compose conf/ into params.yaml (group=option key=value overrides; --check)"),
     "stack": ("xfer.stack.control", "the local team stack: up | down | status | env"),
+    "sync": ("xfer.track.spool", "replay into MLflow the records stages kept while its server did not answer"),
 }
 
 

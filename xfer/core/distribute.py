@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from xfer import XferError
@@ -83,15 +83,12 @@ def strategy_name(strategy) -> str:
 
 
 @contextmanager
-def distributed(strategy) -> Iterator[object]:
-    """Log ``strategy_used`` and ``replicas`` to the active MLflow run and run the body inside the strategy's
-    scope (create models and optimizers, load weights there; predict with :func:`predict_on_batch`)."""
-    import mlflow
-
-    from xfer.core.retry import retry_locked
-
+def distributed(strategy, log_params: Callable[[dict], None]) -> Iterator[object]:
+    """Record ``strategy_used`` and ``replicas`` with ``log_params`` (the stage run's, xfer.track.recorder) and
+    run the body inside the strategy's scope (create models and optimizers, load weights there; predict with
+    :func:`predict_on_batch`)."""
     replicas = int(strategy.num_replicas_in_sync)
-    retry_locked(mlflow.log_params, {"strategy_used": strategy_name(strategy), "replicas": replicas})
+    log_params({"strategy_used": strategy_name(strategy), "replicas": replicas})
     with strategy.scope():
         yield strategy
 

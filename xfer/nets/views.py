@@ -23,20 +23,18 @@ def check_views(key: str, k) -> int:
 def cache_training_views(model, cfg: DictConfig, out: Path, k: int, dtype: str) -> dict:
     """``k`` augmented views of every training image through ``model`` into ``out/train_*`` (features,
     labels, paths); logs images/s to the active MLflow run; returns what meta.json records."""
-    import mlflow
-
-    from xfer.core.retry import retry_locked
     from xfer.core.runtime import set_jit, use_jit
     from xfer.data.paths import image_paths, read_manifest
     from xfer.nets.features import featurize_split
     from xfer.nets.models import augmentation
+    from xfer.track.recorder import log_metric
 
     set_jit(model, use_jit(cfg.runtime.jit, cfg.runtime.deterministic))
     train = read_manifest("train")
     ips = featurize_split(model, image_paths(train), train["label"].to_numpy(), out, "train",
                           int(cfg.featurize.batch_size), dtype, augment=augmentation(cfg.finetune.augment,
                                                                                      int(cfg.seed)), views=k)
-    retry_locked(mlflow.log_metric, "images_per_sec", ips)
+    log_metric("images_per_sec", ips)
     return {"images": len(train), "shape": [int(d) for d in model.output_shape[1:]], "dtype": dtype}
 
 

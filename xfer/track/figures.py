@@ -96,15 +96,15 @@ def explained_grid(images: np.ndarray, overlays: list[np.ndarray], titles: list[
 
 
 def log_figure(fig, name: str, parent: bool = False) -> None:
-    """Log a figure to the active MLflow run (and to its pipeline's parent run), then close it."""
-    import mlflow
+    """Record a figure (PNG) in the stage's run (and in its pipeline's parent run), then close it."""
+    import io
 
-    from xfer.core.retry import retry_locked
+    from xfer.track.recorder import active
 
-    client = mlflow.MlflowClient()
-    run = client.get_run(mlflow.active_run().info.run_id)
-    retry_locked(client.log_figure, run.info.run_id, fig, name)
-    parent_id = run.data.tags.get("mlflow.parentRunId") if parent else None
-    if parent_id:
-        retry_locked(client.log_figure, parent_id, fig, name)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    rec = active()
+    rec.log_bytes(buffer.getvalue(), name)
+    if parent:
+        rec.log_bytes(buffer.getvalue(), name, run_id=rec.parent_id)
     _pyplot().close(fig)

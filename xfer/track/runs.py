@@ -6,6 +6,7 @@ import hashlib
 import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,8 +21,10 @@ from xfer.core.files import read_json, write_json
 from xfer.core.retry import retry_locked
 from xfer.core.signals import interrupted
 from xfer.data.paths import RUNS
+from xfer.track import spool
+from xfer.track.recorder import Recorder, activate, active, wait_seconds
 from xfer.track.store import prepare_database, tracking_uri
-from xfer.track.summary import UPSTREAM, experiment_tags, log_datasets, open_parent, refresh, shown
+from xfer.track.summary import UPSTREAM, experiment_tags, open_parent, shown, split_datasets
 
 BACKBONE_FREE = ("download", "split", "scratch")  # stages whose runs are not named or tagged after a backbone
 
@@ -41,9 +44,11 @@ def close_abandoned_runs(experiment_id: str) -> list[str]:
     import mlflow
 
     client = mlflow.MlflowClient()
-    host, closed = socket.gethostname(), []
+    host, closed, waiting = socket.gethostname(), [], spool.spooled_runs()  # ended, their records in the spool
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
+        if run.info.run_id in waiting:
+            continue
         if tags.get("xfer.host") != host or "xfer.pid" not in tags:
             continue
         if not _process_alive(int(tags["xfer.pid"]), float(tags.get("xfer.pid_started", 0))):
@@ -151,12 +156,46 @@ def _owner_tags(proc) -> dict[str, str]:
             "xfer.pid_started": str(proc.create_time())}
 
 
+def _drop_active_run() -> None:
+    """Forget the fluent API's active run without a call to the server: the recorder sends the run's end."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack:
+        stack.pop()
+    os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def replay_spool(client, uri: str) -> None:
+    """Send the records earlier stages could not (xfer.track.spool), one line each; a stage never fails for it."""
+    try:
+        spool.replay(client, uri, say=lambda line: print(line, file=sys.stderr))
+    except Exception as exc:  # the store went away again: the spool stays for the next stage or `xfer sync`
+        print(f"tracking: the spool was not replayed ({type(exc).__name__}); it stays in mlruns/spool/",
+              file=sys.stderr)
+
+
+def _finish(rec: Recorder, wait_s: float, tail: list[dict[str, Any]]) -> bool:
+    """Close the recorder; when its records went to the spool, say so in one line. True if spooled."""
+    where = rec.close(wait_s, tail)
+    if where is None:
+        return False
+    print(f"tracking: {rec.uri} did not take the {rec.stage} run's records within {wait_s:g} s "
+          f"(XFER_TRACKING_WAIT); kept in {where.relative_to(repo_root())}/, replayed by the next stage that "
+          "reaches it or now by `xfer sync`", file=sys.stderr)
+    return True
+
+
 @contextmanager
 def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[str, Any] | None = None
               ) -> Iterator[Any]:
     """Start the MLflow run of one stage, nested in its pipeline's parent run; log its params (``effective``
     replaces the logged value of a key, e.g. the name a null setting resolved to) and record its run id and wall
-    time in reports/runs/<stage>.json; then refresh the parent's summary."""
+    time in reports/runs/<stage>.json; then refresh the parent's summary (xfer.track.summary.refresh).
+
+    The tracking server must answer when the stage starts (the run and its id come from it; the spool of an
+    earlier stage is replayed first). From then on the stage's records go through a :class:`Recorder` and never
+    make it wait: if the server is gone when the stage ends, they are spooled and the stage still succeeds."""
     import mlflow
     import psutil
 
@@ -168,6 +207,7 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
     prepare_database(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
+    replay_spool(client, uri)
     artifacts = (repo_root() / "mlruns" / "artifacts").as_uri() if own_db else None
     experiment_id = set_experiment(experiment_name(cfg), artifacts)
     close_abandoned_runs(experiment_id)
@@ -185,34 +225,52 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
             else f"{stage}-{cfg.backbone.name}")
     started = time.perf_counter()
     try:
-        with retry_locked(mlflow.start_run, experiment_id=experiment_id, run_name=name, tags=tags) as run:
-            params = {}
-            for section in sections:
-                params.update(flatten(OmegaConf.select(cfg, section), section))
-            params.update(effective or {})
-            retry_locked(mlflow.log_params, {k: shown(v, k) for k, v in params.items()})
-            try:
-                yield run
-            except BaseException as exc:  # Ctrl-C or SIGTERM (see config.run_cli): KILLED, not FAILED
-                if interrupted(exc):
-                    retry_locked(mlflow.end_run, "KILLED")
-                raise
-            write_json(RUNS / f"{stage}.json", {
-                "stage": stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                "pipeline_id": pid, "parent_run_id": parent, "tracking_uri": mlflow.get_tracking_uri(),
-                "seconds": round(time.perf_counter() - started, 2),
-            })
+        run = retry_locked(mlflow.start_run, experiment_id=experiment_id, run_name=name, tags=tags)
     except BaseException as exc:
         retry_locked(client.set_terminated, parent, "KILLED" if interrupted(exc) else "FAILED")
         raise
-    refresh(client, parent, stage, pid, cfg, "FINISHED")
+    rec = Recorder(client, run.info.run_id, parent, stage, uri)
+    activate(rec)
+    try:
+        params = {}
+        for section in sections:
+            params.update(flatten(OmegaConf.select(cfg, section), section))
+        params.update(effective or {})
+        rec.log_params({k: shown(v, k) for k, v in params.items()})
+        try:
+            yield run
+        except BaseException as exc:  # Ctrl-C or SIGTERM (see config.run_cli): KILLED, not FAILED
+            status = "KILLED" if interrupted(exc) else "FAILED"
+            rec.end(status)
+            rec.end(status, parent)
+            try:
+                _finish(rec, min(wait_seconds(), 2.0) if interrupted(exc) else wait_seconds(), [])
+            except Exception:  # a refused record must not hide why the stage failed
+                pass
+            raise
+        write_json(RUNS / f"{stage}.json", {
+            "stage": stage, "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+            "pipeline_id": pid, "parent_run_id": parent, "tracking_uri": uri,
+            "seconds": round(time.perf_counter() - started, 2),
+        })
+        rec.end("FINISHED")
+        rec.put({"op": "refresh", "run_id": parent, "stage": stage, "pipeline_id": pid,  # the parent's summary
+                 "cfg": OmegaConf.to_container(cfg, resolve=True), "project": str(project_root()),
+                 "stage_run_id": run.info.run_id})
+        try:
+            _finish(rec, wait_seconds(), [])
+        except Exception:  # the store refused a record (a 4xx): the stage fails, as any error would
+            for run_id in (run.info.run_id, parent):
+                retry_locked(client.set_terminated, run_id, "FAILED")
+            raise
+    finally:
+        activate(None)
+        _drop_active_run()
 
 
 def log_inputs(cfg: DictConfig, *splits: str) -> None:
-    """Log the manifests of these splits as the active run's input datasets (MLflow's Dataset column)."""
-    import mlflow
-
-    log_datasets(mlflow.MlflowClient(), mlflow.active_run().info.run_id, cfg, splits)
+    """Record the manifests of these splits as the stage run's input datasets (MLflow's Dataset column)."""
+    active().log_inputs([(context, entity) for context, entity in split_datasets(cfg, splits)])
 
 
 def fit_metrics(history, epochs: int) -> dict[str, float]:
@@ -238,7 +296,8 @@ def epoch_logger():
     included (``epoch_seconds``; also kept in its ``seconds`` list), to the active MLflow run. Put it after the
     callbacks that validate."""
     import keras
-    import mlflow
+
+    rec = active()
 
     class EpochLogger(keras.callbacks.Callback):
         seconds: list[float] = []
@@ -252,6 +311,6 @@ def epoch_logger():
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             self.seconds.append(time.perf_counter() - self.started)
             metrics = {k: float(v) for k, v in (logs or {}).items()}
-            retry_locked(mlflow.log_metrics, {**metrics, "epoch_seconds": self.seconds[-1]}, step=epoch)
+            rec.log_metrics({**metrics, "epoch_seconds": self.seconds[-1]}, step=epoch)  # queued: never waits
 
     return EpochLogger()

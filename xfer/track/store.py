@@ -59,6 +59,15 @@ def check_server(uri: str) -> None:
                         "create the bucket or fix the server's --artifacts-destination and its S3 credentials")
 
 
+def answers(uri: str) -> bool:
+    """Whether the tracking store can be used right now (a server answers within ``SERVER_TIMEOUT_S``)."""
+    try:
+        check_server(uri)
+    except XferError:
+        return False
+    return True
+
+
 def prepare_database(uri: str) -> None:
     """Make the tracking store ready. A server is checked (:func:`check_server`). A SQLite database is made safe
     for concurrent use: the schema is created (or upgraded) by one process at a time, under a file lock beside
