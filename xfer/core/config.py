@@ -120,10 +120,45 @@ def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Dict
         if sep and not key.startswith(("+", "~")):
             _check_key(base, key)
     if len(rest) == len(overrides):
-        return _compose(root, "params", rest)
+        return _with_data_name(_compose(root, "params", rest))
     with tempfile.TemporaryDirectory() as tmp:
         OmegaConf.save(base, Path(tmp) / PARAMS_FILE)
-        return _compose(Path(tmp), "params", rest)
+        return _with_data_name(_compose(Path(tmp), "params", rest))
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
+# CSV names that say nothing about the data set: its folder names it instead (Kaggle's dog-breed/labels.csv).
+GENERIC_TABLES = ("labels", "label", "annotations", "metadata", "train", "data", "dataset", "images", "index")
+
+
+def data_name(data: DictConfig) -> str:
+    """The data set's name: ``data.name``, else taken from the data itself (the archive's or folder's stem, the
+    CSV's stem or, for a generic one such as labels.csv, its folder's name), so two data sets never share the
+    MLflow experiment, the dataset names or the registered model."""
+    if data.get("name"):
+        return str(data.name)
+    url = str(data.get("url") or data.get("kind") or "data")
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(url)
+    path = Path(unquote(parsed.path) if parsed.scheme in ("http", "https", "file") else url).expanduser()
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    name = path.name
+    if data.get("kind") == "csv":
+        stem = Path(name).stem
+        return path.parent.name if stem.lower() in GENERIC_TABLES and path.parent.name not in ("", ".") else stem
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _with_data_name(cfg: DictConfig) -> DictConfig:
+    if "data" in cfg and not cfg.data.get("name"):  # no url yet: the download stage says it is missing
+        has_url = OmegaConf.select(cfg, "data.url", default=None) is not None
+        cfg.data.name = data_name(cfg.data) if has_url else str(cfg.data.get("kind") or "data")
+    return cfg
 
 
 def require(cfg: DictConfig, *keys: str) -> None:
