@@ -20,8 +20,25 @@ MODES = ("report", "drop", "keep")
 HINT = "paths as in data/splits/*.csv or reports/audit.json, e.g. {example}"
 
 
+def relabel_map(value) -> dict[str, str]:
+    """``split.relabel`` as path -> class: a list of ``"path:class"`` strings (``-S 'split.relabel=[Dog/1.jpg:Cat]'``;
+    split at the last colon) or a mapping written in params.yaml."""
+    if not value:
+        return {}
+    if hasattr(value, "items"):
+        return {str(k): str(v) for k, v in value.items()}
+    out = {}
+    for item in value:
+        path, sep, cls = str(item).rpartition(":")
+        if not sep or not path.strip() or not cls.strip():
+            raise XferError(f"split.relabel: '{item}' is not 'path:class', e.g. Dog/11702.jpg:Cat")
+        out[path.strip()] = cls.strip()
+    return out
+
+
 def apply_verdicts(df: pd.DataFrame, exclude, relabel, classes: list[str]) -> tuple[pd.DataFrame, list[dict]]:
     """Leave out the ``exclude`` paths and give the ``relabel`` paths their new class; every path must exist."""
+    relabel = relabel_map(relabel)
     known = set(df["path"])
     example = df["path"].iloc[0] if len(df) else "Cat/0.jpg"
     for key, paths in (("split.exclude", list(exclude or [])), ("split.relabel", list((relabel or {}).keys()))):
