@@ -13,12 +13,13 @@ import time
 
 from omegaconf import DictConfig
 
+from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, read_json, write_json
 from xfer.core.retry import retry_locked
 from xfer.data.hashes import dhashes
 from xfer.data.paths import CLASSES, IMAGES, METRICS, REPORTS, SPLIT_NAMES, load_features, read_manifest
-from xfer.nets.audit import audit
+from xfer.nets.audit import FILTERS, audit
 from xfer.track.figures import file_grid, log_figure
 from xfer.track.runs import stage_run
 from xfer.track.summary import audit_digest
@@ -46,6 +47,8 @@ def main(cfg: DictConfig) -> None:
     import mlflow
 
     a = cfg.audit
+    if a.filter_by not in FILTERS:
+        raise XferError(f"audit.filter_by: '{a.filter_by}' is not one of {', '.join(FILTERS)}")
     with stage_run("audit", cfg, ["audit", "seed"]):
         started = time.perf_counter()
         if a.enabled:

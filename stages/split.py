@@ -100,7 +100,7 @@ def main(cfg: DictConfig) -> None:
         df, duplicates = drop_duplicates(images)
         near, mixed, pairs = [], [], []
         if mode != "keep":
-            df["dhash"] = dhashes(image_paths(df))
+            df["dhash"] = list(dhashes(image_paths(df)))
             if mode == "drop":
                 df, near, mixed = collapse_near_duplicates(df, int(sp.hash_distance))
         parts = split_frame(df, {s: sp[s] for s in SPLIT_NAMES}, int(cfg.seed))

@@ -47,6 +47,8 @@ def test_planted_label_flips_are_found_with_their_true_class():
     assert report["counts"]["label_issues"] == len(flagged) and set(seconds) >= {"label_issues", "near_duplicates"}
     again, _ = audit(splits, ["a", "b", "c"], PARAMS, seed=1)
     assert again["label_issues"] == report["label_issues"]  # seeded folds
+    every, _ = audit(splits, ["a", "b", "c"], OmegaConf.merge(PARAMS, {"filter_by": "predicted_neq_given"}), seed=1)
+    assert {d["path"] for d in every["label_issues"]} >= flagged & flipped  # every out-of-fold error: a longer list
 
 
 def test_copies_across_splits_and_the_outlier():
@@ -63,8 +65,9 @@ def test_copies_across_splits_and_the_outlier():
 def test_hashes_add_pairs_the_features_miss():
     splits, _ = planted()
     rng = np.random.default_rng(5)  # random 64-bit hashes: ~32 bits apart
-    hashes = {s: rng.integers(0, 2**63, len(v["paths"]), dtype=np.uint64) for s, v in splits.items()}
-    hashes["val"][3] = hashes["train"][50] ^ np.uint64(0b101)  # 2 bits apart
+    hashes = {s: rng.integers(0, 256, (len(v["paths"]), 32), dtype=np.uint8) for s, v in splits.items()}
+    hashes["val"][3] = hashes["train"][50]
+    hashes["val"][3, 0] ^= 0b101  # 2 bits apart
     report, _ = audit(splits, ["a", "b", "c"], PARAMS, seed=1, hashes=hashes)
     pair = [p for p in report["near_duplicates"] if p["a"] == "img050.jpg"]
     assert len(pair) == 1 and pair[0]["b"] == "img183.jpg" and pair[0]["hash_distance"] == 2
@@ -124,3 +127,25 @@ def test_the_audit_is_off_on_request_and_then_costs_nothing(audited, monkeypatch
     report = read_json(root / "reports/audit.json")
     assert report["enabled"] is False and report["label_issues"] == [] and read_json(
         root / "reports/metrics/audit.json") == {}
+
+
+def test_hash_distances_match_a_bit_count_and_flat_images_never_match():
+    from xfer.data.hashes import close_pairs, distance
+
+    x = np.random.default_rng(0).integers(0, 256, (40, 32), dtype=np.uint8)
+    y = x.copy()
+    y[:, 5] ^= 0b11  # 2 bits
+    y[7] = x[8]
+    assert close_pairs(x, y, 2) == sorted([(i, i, 2) for i in range(40) if i != 7] + [(8, 7, 0)])
+    assert distance(x[0], x[1]) == sum(bin(v).count("1") for v in (x[0] ^ x[1]))
+    flat = np.zeros((3, 32), np.uint8)
+    assert close_pairs(flat, None, 5) == []
+
+
+def test_a_bad_filter_is_one_line(project):
+    from stages.audit import main
+    from xfer import XferError
+    from xfer.core.config import load_params
+
+    with pytest.raises(XferError, match="audit.filter_by: 'guess' is not one of prune_by_noise_rate"):
+        main(load_params(["audit.filter_by=guess"]))

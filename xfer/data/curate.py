@@ -64,7 +64,7 @@ def collapse_near_duplicates(df: pd.DataFrame, max_distance: int) -> tuple[pd.Da
     df = df.sort_values("path").reset_index(drop=True)
     keep = pd.Series(True, index=df.index)
     dropped, mixed = [], []
-    for members in groups(len(df), close_pairs(df["dhash"].to_numpy(), None, max_distance)):
+    for members in groups(len(df), close_pairs(list(df["dhash"]), None, max_distance)):
         group = df.iloc[members]
         if group["class"].nunique() > 1:
             mixed.append({"paths": list(group["path"]), "classes": sorted(set(group["class"]))})
@@ -81,7 +81,7 @@ def cross_split_pairs(parts: dict[str, pd.DataFrame], max_distance: int) -> list
     for a_i, a in enumerate(names):
         for b in names[a_i + 1 :]:
             fa, fb = parts[a], parts[b]
-            for i, j, dist in close_pairs(fa["dhash"].to_numpy(), fb["dhash"].to_numpy(), max_distance):
+            for i, j, dist in close_pairs(list(fa["dhash"]), list(fb["dhash"]), max_distance):
                 out.append({"a": fa["path"].iloc[i], "a_split": a, "b": fb["path"].iloc[j], "b_split": b,
                             "hash_distance": dist, "same_class": bool(fa["class"].iloc[i] == fb["class"].iloc[j])})
     return out

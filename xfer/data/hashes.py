@@ -1,9 +1,11 @@
-"""Perceptual hashes of images (64-bit dHash, PIL only) and the near-duplicate pairs they reveal.
+"""Perceptual hashes of images (256-bit dHash, PIL only) and the near-duplicate pairs they reveal.
 
-dHash: the image as 9x8 grey pixels, one bit per horizontal neighbour pair (is the left one brighter?). A resized,
-re-encoded or slightly recoloured copy keeps almost every bit (typically 0-4 of 64 differ), distinct photos
-differ in ~32. Our own ~20 lines instead of the `imagehash` package: same algorithm, no dependency, and JPEGs are
-decoded at 1/8 scale (PIL's draft mode), which makes hashing a set of photos a few seconds' work.
+dHash: the image as 17x16 grey pixels, one bit per horizontal neighbour pair (is the left one brighter?). A
+resized, re-encoded copy keeps almost every bit (measured on 88 planted copies of real photos: 6 of 256 differ on
+average, 95 % within 13), distinct photos differ in ~128. 256 bits, not the classic 64: at 64 bits, scenes with the
+same coarse layout (sunsets over the sea) collide by the dozen in 5,000 photos (bench/audit.py). Our own few lines
+instead of the `imagehash` package: the same algorithm, no dependency, and JPEGs decoded at a reduced scale (PIL's
+draft mode), which makes hashing thousands of photos a few seconds' work.
 """
 
 from __future__ import annotations
@@ -14,44 +16,52 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BITS = 64
-MIN_BITS, MAX_BITS = 8, 56  # near-flat images hash to (almost) all 0s or 1s and would all match each other
-CHUNK = 2048
+SIDE = 16
+BITS = SIDE * SIDE
+MIN_BITS, MAX_BITS = BITS // 8, BITS - BITS // 8  # near-flat images hash to (almost) all 0s or 1s: never matched
+CHUNK = 1024
 
 
-def dhash(path: Path | str) -> int:
-    """The 64-bit difference hash of one image file."""
+def dhash(path: Path | str) -> np.ndarray:
+    """The 256-bit difference hash of one image file, as 32 bytes."""
     with Image.open(path) as img:
-        img.draft("L", (64, 64))  # JPEG: decode at a reduced scale, at least 64 px a side
-        grey = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = (grey[:, :-1] > grey[:, 1:]).ravel()
-    return int(np.packbits(bits).view(">u8")[0])
+        img.draft("L", (4 * SIDE, 4 * SIDE))  # JPEG: decode at a reduced scale, at least 64 px a side
+        grey = np.asarray(img.convert("L").resize((SIDE + 1, SIDE), Image.Resampling.BILINEAR), dtype=np.int16)
+    return np.packbits((grey[:, :-1] > grey[:, 1:]).ravel())
 
 
 def dhashes(paths: Sequence[Path | str]) -> np.ndarray:
-    """uint64 hashes of these files, in order."""
-    return np.fromiter((dhash(p) for p in paths), dtype=np.uint64, count=len(paths))
+    """(n, 32) uint8 hashes of these files, in order."""
+    return np.stack([dhash(p) for p in paths]) if len(paths) else np.zeros((0, BITS // 8), np.uint8)
 
 
-def informative(hashes: np.ndarray) -> np.ndarray:
-    """Which hashes carry enough structure to be matched (not a flat or nearly flat image)."""
-    ones = np.bitwise_count(hashes)
-    return (ones >= MIN_BITS) & (ones <= MAX_BITS)
+def distance(a: np.ndarray, b: np.ndarray) -> int:
+    """Bits in which two hashes differ."""
+    return int(np.unpackbits(np.bitwise_xor(a, b)).sum())
 
 
-def close_pairs(a: np.ndarray, b: np.ndarray | None, max_distance: int) -> list[tuple[int, int, int]]:
-    """Pairs ``(i, j, hamming distance)`` with distance <= ``max_distance`` between hashes ``a[i]`` and ``b[j]``
-    (``b`` None: within ``a``, i < j), sorted; uninformative hashes never match."""
+def _bits(hashes) -> np.ndarray:
+    h = np.stack(list(hashes)) if not isinstance(hashes, np.ndarray) or hashes.dtype == object else hashes
+    return np.unpackbits(h.reshape(len(h), -1), axis=1).astype(np.float32)
+
+
+def close_pairs(a, b, max_distance: int) -> list[tuple[int, int, int]]:
+    """Pairs ``(i, j, distance)`` with distance <= ``max_distance`` between hashes ``a[i]`` and ``b[j]`` (``b``
+    None: within ``a``, i < j), sorted; uninformative hashes (near-flat images) never match."""
     same = b is None
-    b = a if same else b
-    ok_a, ok_b = informative(a), informative(b)
+    if len(a) == 0 or (not same and len(b) == 0):
+        return []
+    xa = _bits(a)
+    xb = xa if same else _bits(b)
+    na, nb = xa.sum(axis=1), xb.sum(axis=1)
+    ok_a, ok_b = (na >= MIN_BITS) & (na <= MAX_BITS), (nb >= MIN_BITS) & (nb <= MAX_BITS)
     out = []
-    for start in range(0, len(a), CHUNK):
-        block = a[start : start + CHUNK]
-        dist = np.bitwise_count(block[:, None] ^ b[None, :])
+    for start in range(0, len(xa), CHUNK):
+        block = xa[start : start + CHUNK]
+        dist = np.rint(na[start : start + CHUNK, None] + nb[None, :] - 2 * (block @ xb.T)).astype(np.int32)
         hit = (dist <= max_distance) & ok_a[start : start + CHUNK, None] & ok_b[None, :]
         if same:
-            hit &= np.arange(start, start + len(block))[:, None] < np.arange(len(b))[None, :]
+            hit &= np.arange(start, start + len(block))[:, None] < np.arange(len(xb))[None, :]
         for i, j in zip(*np.nonzero(hit), strict=True):
             out.append((start + int(i), int(j), int(dist[i, j])))
     return sorted(out)

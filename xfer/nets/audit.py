@@ -5,7 +5,7 @@
   the probability the held-out model gives the file's own label. A linear head on frozen features is what the
   pipeline's own head is, and it trains k times in seconds on thousands of images; the Keras head would take
   minutes per fold for nearly the same probabilities.
-- Near-duplicates: pairs from different splits whose pooled features are nearly parallel (cosine) or whose
+- Near-duplicates: pairs from different splits whose centred pooled features are nearly parallel (cosine) or whose
   perceptual hashes (xfer/data/hashes.py) differ in few bits.
 - Outliers: cleanlab's ``OutOfDistribution`` (mean distance to the k nearest neighbours in feature space): the
   least typical files.
@@ -51,8 +51,12 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, fold
     return full
 
 
-def label_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Indices of the likely label errors, most likely first (cleanlab, ranked by self-confidence)."""
+FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
+
+
+def label_issues(y: np.ndarray, probs: np.ndarray, filter_by: str = "prune_by_noise_rate") -> np.ndarray:
+    """Indices of the likely label errors, most likely first (cleanlab's ``filter_by`` rule, ranked by
+    self-confidence)."""
     from cleanlab.filter import find_label_issues
 
     present = np.unique(y)
@@ -62,7 +66,8 @@ def label_issues(y: np.ndarray, probs: np.ndarray) -> np.ndarray:
     remap[present] = np.arange(len(present))
     p = probs[:, present]
     p = p / np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
-    return np.asarray(find_label_issues(remap[y], p, return_indices_ranked_by="self_confidence", n_jobs=1), int)
+    return np.asarray(find_label_issues(remap[y], p, return_indices_ranked_by="self_confidence",
+                                        filter_by=filter_by, n_jobs=1), int)
 
 
 def similar_pairs(a: np.ndarray, b: np.ndarray, min_cosine: float) -> list[tuple[int, int, float]]:
@@ -90,22 +95,26 @@ def audit(splits: dict[str, dict], classes: list[str], a, seed: int, hashes: dic
     report (every flagged file: score, suggested label) and the seconds each part took."""
     import time
 
-    from xfer.data.hashes import close_pairs
+    from xfer.data.hashes import close_pairs, distance
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    vectors = {s: unit(pooled(v["features"])) for s, v in splits.items()}
+    raw = {s: pooled(v["features"]) for s, v in splits.items()}
+    # Centred on the data set's mean before the cosine: post-ReLU features share a large positive component that
+    # makes any two photos look alike (random weights: cosine > 0.97 for nearly every pair).
+    mean = np.concatenate(list(raw.values())).mean(axis=0) if any(len(r) for r in raw.values()) else 0.0
+    vectors = {s: unit(r - mean) for s, r in raw.items()}
     seconds["pool"] = time.perf_counter() - t
 
     t = time.perf_counter()
     audited = [s for s in a.label_splits if s in splits and len(splits[s]["paths"])]
-    x = np.concatenate([vectors[s] for s in audited]) if audited else np.zeros((0, 1), np.float32)
+    x = np.concatenate([raw[s] for s in audited]) if audited else np.zeros((0, 1), np.float32)
     y = np.concatenate([splits[s]["labels"] for s in audited]).astype(int) if audited else np.zeros(0, int)
     where = [(s, i) for s in audited for i in range(len(splits[s]["paths"]))]
     issues = []
     if len(np.unique(y)) >= 2 and np.bincount(y).max() >= 2:
         probs = out_of_fold_probabilities(x, y, len(classes), int(a.folds), seed, float(a.C))
-        for rank, k in enumerate(label_issues(y, probs)):
+        for rank, k in enumerate(label_issues(y, probs, str(a.get("filter_by", "prune_by_noise_rate")))):
             s, i = where[k]
             issues.append({"path": splits[s]["paths"][i], "split": s, "label": classes[y[k]],
                            "suggested": classes[int(np.argmax(probs[k]))],
@@ -128,7 +137,7 @@ def audit(splits: dict[str, dict], classes: list[str], a, seed: int, hashes: dic
         cos = found.get("cosine", round(float(vectors[sa][i] @ vectors[sb][j]), 4))
         dist = found.get("hash_distance")
         if dist is None and hashes is not None:
-            dist = int(np.bitwise_count(hashes[sa][i] ^ hashes[sb][j]))
+            dist = distance(hashes[sa][i], hashes[sb][j])
         near.append({"a": splits[sa]["paths"][i], "a_split": sa, "a_label": classes[splits[sa]["labels"][i]],
                      "b": splits[sb]["paths"][j], "b_split": sb, "b_label": classes[splits[sb]["labels"][j]],
                      "cosine": cos, "hash_distance": dist})
