@@ -101,7 +101,12 @@ def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Dict
 
     ``key=value`` overrides change one value (unknown keys are refused); ``group=option`` for a group in
     ``conf/`` (e.g. ``backbone=xception``) replaces that whole section with ``conf/<group>/<option>.yaml``.
+    A null ``data.name`` becomes the data's own name (:func:`data_name`).
     """
+    return _with_data_name(_load(overrides, root))
+
+
+def _load(overrides: Sequence[str], root: Path | None) -> DictConfig:
     root = root or project_root()
     params = root / PARAMS_FILE
     if not params.is_file():
@@ -120,10 +125,10 @@ def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Dict
         if sep and not key.startswith(("+", "~")):
             _check_key(base, key)
     if len(rest) == len(overrides):
-        return _with_data_name(_compose(root, "params", rest))
+        return _compose(root, "params", rest)
     with tempfile.TemporaryDirectory() as tmp:
         OmegaConf.save(base, Path(tmp) / PARAMS_FILE)
-        return _with_data_name(_compose(Path(tmp), "params", rest))
+        return _compose(Path(tmp), "params", rest)
 
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
