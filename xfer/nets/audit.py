@@ -43,7 +43,8 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, fold
     k = int(min(folds, np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
     if k < 2:
         raise ValueError("every class needs at least 2 images for cross-validation")
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500))
+    # tol 1e-3, not 1e-4: half the time, the same ranked issues on the bench's data (bench/audit.py)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500, tol=1e-3))
     probs = cross_val_predict(model, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
                               method="predict_proba")
     full = np.zeros((len(x), n_classes))
