@@ -149,3 +149,33 @@ def test_each_local_source_names_the_data_set_after_itself(project, overrides, n
     cfg = load_params(overrides)
     assert cfg.data.name == name and experiment_name(cfg) == name
     assert registered_name(cfg) == f"{name}-classifier"
+
+
+def test_csv_and_image_archive_by_url(project, tmp_path):
+    """Both served from 127.0.0.1; a CSV from a URL needs data.images (no folder beside it)."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "www"
+    served.mkdir()
+    with zipfile.ZipFile(served / "imgs.zip", "w") as zf:
+        for i in range(4):
+            zf.writestr(f"p{i}.jpg", photo(i))
+    (served / "plants.csv").write_text("file,species\np0.jpg,fern\np1.jpg,fern\np2.jpg,moss\np3.jpg,moss\n")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(XferError, match="data.images: the CSV came from a URL"):
+            run_csv(project, f"{base}/plants.csv")
+        cfg = run_csv(project, f"{base}/plants.csv", f"data.images={base}/imgs.zip")
+    finally:
+        server.shutdown()
+    assert read_json("data/raw/classes.json") == ["fern", "moss"] and cfg.data.name == "plants"
+    assert read_json("reports/download.json")["kept"] == 4
