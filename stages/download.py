@@ -1,4 +1,5 @@
-"""Download stage: get the images (archive, folder or synthetic), validate every one, write data/raw/.
+"""Download stage: get the images (archive, folder, CSV table of images and labels, or synthetic), validate every
+one, write data/raw/.
 
 Outputs: data/raw/images/<class>/*.jpg (only decodable RGB JPEGs), data/raw/classes.json,
 reports/download.json (source, kept/dropped per class, each drop with its reason),
@@ -12,7 +13,6 @@ import multiprocessing.pool
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -24,9 +24,10 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import require, run_cli
 from xfer.core.files import atomic_dir, write_json
-from xfer.data.fetch import class_root, extract, fetch
+from xfer.data.fetch import class_root, local_images
 from xfer.data.images import normalise_image, write_synthetic
 from xfer.data.paths import CLASSES, IMAGES, METRICS, RAW, REPORTS
+from xfer.data.table import import_table
 from xfer.track.recorder import log_artifact, log_metrics
 from xfer.track.runs import stage_run
 
@@ -73,6 +74,21 @@ def worker_pool() -> Iterator[multiprocessing.pool.Pool]:
         pool.join()
 
 
+def validate(jobs: list[tuple[str, str, int]], classes: list[str], pool, src_root: Path,
+             dropped: list[dict] = ()) -> dict:
+    """Run the validation jobs in parallel; the report: kept/dropped per class, each drop with its reason."""
+    kept, dropped = Counter(), list(dropped)
+    for src, dst, reason in pool.imap_unordered(_check, jobs, chunksize=32):
+        cls = Path(dst).parent.name
+        if reason == "ok":
+            kept[cls] += 1
+        else:
+            dropped.append({"class": cls, "path": Path(src).relative_to(src_root).as_posix(), "reason": reason})
+    dropped.sort(key=lambda d: (d["path"], d.get("row", 0)))
+    summary = {cls: {"kept": kept[cls], "dropped": sum(d["class"] == cls for d in dropped)} for cls in classes}
+    return {"classes": summary, "dropped": dropped}
+
+
 def import_folder(src_root: Path, out: Path, min_side: int, pool) -> tuple[list[str], dict]:
     """Validate every file under each class folder of ``src_root`` into ``out/<class>/``, in parallel."""
     classes = sorted(p.name for p in src_root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -85,16 +101,7 @@ def import_folder(src_root: Path, out: Path, min_side: int, pool) -> tuple[list[
         for f in files:
             stem = f.relative_to(src_root / cls).with_suffix("").as_posix().replace("/", "__")
             jobs.append((str(f), str(out / cls / f"{stem}.jpg"), min_side))
-    kept, dropped = Counter(), []
-    for src, dst, reason in pool.imap_unordered(_check, jobs, chunksize=32):
-        cls = Path(dst).parent.name
-        if reason == "ok":
-            kept[cls] += 1
-        else:
-            dropped.append({"class": cls, "path": str(Path(src).relative_to(src_root)), "reason": reason})
-    dropped.sort(key=lambda d: d["path"])
-    summary = {cls: {"kept": kept[cls], "dropped": sum(d["class"] == cls for d in dropped)} for cls in classes}
-    return classes, {"classes": summary, "dropped": dropped}
+    return classes, validate(jobs, classes, pool, src_root)
 
 
 def main(cfg: DictConfig) -> None:
@@ -105,28 +112,24 @@ def main(cfg: DictConfig) -> None:
         if d.kind == "synthetic":
             classes = write_synthetic(images, int(d.per_class), int(d.image_size), int(cfg.seed))
             report = {"classes": {c: {"kept": int(d.per_class), "dropped": 0} for c in classes}, "dropped": []}
+        elif d.kind == "csv":
+            require(cfg, "data.url")
+            classes, report = import_table(d, images, tmp, lambda jobs, classes, root, dropped:
+                                           validate(jobs, classes, pool, root, dropped))
+            source = report.pop("source")
         elif d.kind in ("archive", "folder"):
             require(cfg, "data.url")
-            if d.kind == "archive":
-                archive, digest = fetch(d.url, d.sha256, float(d.timeout), int(d.retries))
-                source = {"url": str(d.url), "archive": str(archive), "sha256": digest,
-                          "bytes": archive.stat().st_size}
-                unpacked = Path(tempfile.mkdtemp(prefix="unpack", dir=tmp))
-                source["refused_entries"] = extract(archive, unpacked, int(float(d.max_extract_gb) * 1e9))
-                src_root = class_root(unpacked)
-            else:
-                folder = Path(d.url).expanduser()
-                if not folder.is_dir():
-                    raise XferError(f"data.url: folder {d.url} not found; give a folder holding one folder per "
-                                    "class")
-                src_root = class_root(folder)
+            if d.kind == "folder" and not Path(d.url).expanduser().is_dir():
+                raise XferError(f"data.url: folder {d.url} not found; give a folder holding one folder per class")
+            folder, source, unpacked = local_images(str(d.url), tmp, d.get("sha256"), d)
+            src_root = class_root(folder)
+            if unpacked is None:
                 source = {"folder": str(src_root)}
-                unpacked = None
             classes, report = import_folder(src_root, images, int(d.min_side), pool)
             if unpacked is not None:
                 shutil.rmtree(unpacked)
         else:
-            raise XferError(f"data.kind: '{d.kind}' is not one of archive, folder, synthetic")
+            raise XferError(f"data.kind: '{d.kind}' is not one of archive, folder, csv, synthetic")
         report["source"] = source
         report["kept"] = sum(c["kept"] for c in report["classes"].values())
         report["dropped_total"] = len(report["dropped"])
@@ -138,6 +141,10 @@ def main(cfg: DictConfig) -> None:
         log_artifact(str(REPORT))
     per_class = ", ".join(f"{c}: {v['kept']} kept / {v['dropped']} dropped" for c, v in report["classes"].items())
     print(f"download: {report['kept']} images in {len(classes)} classes ({per_class})")
+    unplaced = Counter(x["reason"].split(" (")[0] for x in report["dropped"] if "row" in x)
+    if unplaced:
+        print(f"download: {sum(unplaced.values())} rows of the CSV not used ("
+              + ", ".join(f"{r}: {n}" for r, n in sorted(unplaced.items())) + "); see reports/download.json")
 
 
 if __name__ == "__main__":

@@ -182,8 +182,12 @@ def test_repo_root_escapes_dvc_temp_experiments(tmp_path, monkeypatch):
 def test_dvc_yaml_declares_only_keys_that_exist_and_each_stage_script():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert list(dvc["stages"]) == ["download", "split", "featurize", "views", "trunk", "train_head", "finetune",
-                                   "evaluate", "scratch"]
+    assert list(dvc["stages"]) == ["download", "split", "featurize", "audit", "views", "trunk", "train_head",
+                                   "finetune", "evaluate", "scratch"]
+    # the audit reads features and the split, never a model: a head edit never reruns it
+    audit = dvc["stages"]["audit"]
+    assert not any(k.startswith(("head", "finetune")) for k in audit["params"])
+    assert not any(d.startswith(("models/", "data/views", "data/trunk")) for d in audit["deps"])
     # the from-scratch baseline reads the split only: a backbone, head or fine-tuning change never reruns it
     scratch = dvc["stages"]["scratch"]
     assert not any(k.startswith(("backbone", "head", "finetune", "featurize")) for k in scratch["params"])

@@ -100,8 +100,8 @@ def test_one_parent_run_per_pipeline_with_its_stage_runs_nested(demo_repo):
     root, *_ = demo_repo
     client, exp, runs = mlflow_runs(root)
     names = [r.info.run_name for r in runs]
-    assert names == ["download", "split", *(f"{s}-vgg16" for s in ("featurize", "views", "trunk", "train_head",
-                                                                     "finetune", "evaluate"))]
+    assert names == ["download", "split", *(f"{s}-vgg16" for s in ("featurize", "audit", "views", "trunk",
+                                                                     "train_head", "finetune", "evaluate"))]
     pipeline = {r.data.tags["pipeline_id"] for r in runs}
     assert len(pipeline) == 1 and re.fullmatch(r"[0-9a-f]{8}", pipeline.pop())  # derived from the dvc process
     _, _, (parent,) = mlflow_runs(root, "pipeline")
@@ -167,10 +167,11 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
     # Its parent still summarizes the cached stages, linked to the runs that produced them.
     _, _, parents = mlflow_runs(root, "pipeline")
     t, m = parents[-1].data.tags, parents[-1].data.metrics
-    assert t["cached_stages"] == "download,split,featurize,views,trunk"
+    assert t["cached_stages"] == "download,split,featurize,audit,views,trunk"  # the audit is not below the head
     assert t["ran_stages"] == "train_head,finetune,evaluate"
     assert parents[-1].data.params["head.units"] == "128"
-    assert {"images_kept", "featurize_images_per_sec", "featurize_seconds", "test_accuracy"} <= set(m)
+    assert {"images_kept", "featurize_images_per_sec", "featurize_seconds", "test_accuracy",
+            "audit_label_issues", "audit_near_duplicate_pairs"} <= set(m)
     assert t["stage.split"] == parents[0].data.tags["stage.split"]  # linked to the run that produced it
 
 
@@ -214,7 +215,7 @@ def test_parallel_queued_experiments_lose_nothing(queue_repo):
     assert {"demo-a", "demo-b"} <= set(names)
     client, _, runs = mlflow_runs(root, env=env)
     _, _, parents = mlflow_runs(root, "pipeline", env)
-    stages = ("featurize", "views", "trunk", "train_head", "finetune", "evaluate")
+    stages = ("featurize", "audit", "views", "trunk", "train_head", "finetune", "evaluate")
     found = {name: sorted(r.info.run_name for r in runs if r.data.tags["dvc_exp_name"] == name)
              for name in ("demo-a", "demo-b")}
     expected = {name: sorted(["download", "split", *(f"{s}-{b}" for s in stages), *extra])

@@ -12,7 +12,8 @@ from xfer import XferError
 from xfer.core.config import load_params
 from xfer.core.files import read_json
 
-STAGES = ["download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate", "scratch"]
+STAGES = ["download", "split", "featurize", "audit", "views", "trunk", "train_head", "finetune", "evaluate",
+          "scratch"]
 TRANSFER = STAGES[:-1]
 # A from-scratch baseline small enough for seconds: two residual blocks at 32 px.
 SCRATCH = ["scratch=xception_mini", "scratch.image_size=32", "scratch.filters=[8,16]", "scratch.epochs=2",
@@ -356,7 +357,7 @@ def test_a_pipeline_whose_stages_were_cached_still_has_their_summary(tiny_run, m
     cached = [s for s in STAGES if s != "evaluate"]  # the scratch baseline too: its outputs match the params
     assert t["ran_stages"] == "evaluate" and t["cached_stages"].split(",") == cached
     assert all(t[f"stage.{s}"] == first[s] for s in cached) and t["stage.evaluate"] != first["evaluate"]
-    assert m["cached_stage_count"] == 8 and m["pipeline_seconds"] == round(m["evaluate_seconds"], 2)
+    assert m["cached_stage_count"] == 9 and m["pipeline_seconds"] == round(m["evaluate_seconds"], 2)
     assert {"head_val_accuracy", "featurize_images_per_sec", "train_head_seconds", "test_accuracy",
             "scratch_test_accuracy", "scratch_seconds"} <= set(m)
     assert "cached, from an earlier pipeline" in t["mlflow.note.content"]

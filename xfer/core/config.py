@@ -101,7 +101,12 @@ def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Dict
 
     ``key=value`` overrides change one value (unknown keys are refused); ``group=option`` for a group in
     ``conf/`` (e.g. ``backbone=xception``) replaces that whole section with ``conf/<group>/<option>.yaml``.
+    A null ``data.name`` becomes the data's own name (:func:`data_name`).
     """
+    return _with_data_name(_load(overrides, root))
+
+
+def _load(overrides: Sequence[str], root: Path | None) -> DictConfig:
     root = root or project_root()
     params = root / PARAMS_FILE
     if not params.is_file():
@@ -131,6 +136,41 @@ def load_params(overrides: Sequence[str] = (), root: Path | None = None) -> Dict
     with tempfile.TemporaryDirectory() as tmp:
         OmegaConf.save(base, Path(tmp) / PARAMS_FILE)
         return _compose(Path(tmp), "params", rest)
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".zip", ".tar")
+# CSV names that say nothing about the data set: its folder names it instead (Kaggle's dog-breed/labels.csv).
+GENERIC_TABLES = ("labels", "label", "annotations", "metadata", "train", "data", "dataset", "images", "index")
+
+
+def data_name(data: DictConfig) -> str:
+    """The data set's name: ``data.name``, else taken from the data itself (the archive's or folder's stem, the
+    CSV's stem or, for a generic one such as labels.csv, its folder's name), so two data sets never share the
+    MLflow experiment, the dataset names or the registered model."""
+    if data.get("name"):
+        return str(data.name)
+    url = str(data.get("url") or data.get("kind") or "data")
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(url)
+    path = Path(unquote(parsed.path) if parsed.scheme in ("http", "https", "file") else url).expanduser()
+    if path.name in ("", ".", ".."):
+        path = path.resolve()
+    name = path.name
+    if data.get("kind") == "csv":
+        stem = Path(name).stem
+        return path.parent.name if stem.lower() in GENERIC_TABLES and path.parent.name not in ("", ".") else stem
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _with_data_name(cfg: DictConfig) -> DictConfig:
+    if "data" in cfg and not cfg.data.get("name"):  # no url yet: the download stage says it is missing
+        has_url = OmegaConf.select(cfg, "data.url", default=None) is not None
+        cfg.data.name = data_name(cfg.data) if has_url else str(cfg.data.get("kind") or "data")
+    return cfg
 
 
 def require(cfg: DictConfig, *keys: str) -> None:

@@ -188,3 +188,18 @@ def class_root(folder: Path) -> Path:
         if len(inner) >= 2:
             return subdirs[0]
     return folder
+
+
+def local_images(location: str, tmp: Path, sha256: str | None, d) -> tuple[Path, dict, Path | None]:
+    """Images as a folder: ``location`` itself when it is one, else the archive (path or URL; ``d`` gives
+    timeout, retries, max_extract_gb) unpacked under ``tmp``. Returns the folder, what the report says about the
+    source, and the unpacked copy to delete afterwards (None for a folder)."""
+    import tempfile
+
+    if Path(location).expanduser().is_dir():
+        return Path(location).expanduser(), {"folder": str(location)}, None
+    archive, digest = fetch(location, sha256, float(d.timeout), int(d.retries))
+    unpacked = Path(tempfile.mkdtemp(prefix="unpack", dir=tmp))
+    source = {"url": str(location), "archive": str(archive), "sha256": digest, "bytes": archive.stat().st_size,
+              "refused_entries": extract(archive, unpacked, int(float(d.max_extract_gb) * 1e9))}
+    return unpacked, source, unpacked

@@ -1,5 +1,5 @@
-"""Figures the stages log to MLflow and save for DVC: training curves, ROC curve, confusion matrix, and grids of
-test images beside their Grad-CAM heatmaps."""
+"""Figures the stages log to MLflow and save for DVC: training curves, ROC curve, confusion matrix, grids of
+test images beside their Grad-CAM heatmaps, and grids of image files (the audit's suspects)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,27 @@ def explained_grid(images: np.ndarray, overlays: list[np.ndarray], titles: list[
     if not len(images):
         draw.text((sheet.width // 2, sheet.height // 2), empty, fill="black", font=font, anchor="mm")
     sheet.save(out, format="png")
+
+
+def file_grid(paths: list, titles: list[str], empty: str, per_row: int = 4, thumb: int = 160):
+    """A grid of image files (shown as thumbnails), each titled; ``empty`` is written when there is none."""
+    from PIL import Image
+
+    plt = _pyplot()
+    rows = max(1, -(-len(paths) // per_row))
+    fig, axes = plt.subplots(rows, per_row, figsize=(2.6 * per_row, 2.9 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, (path, title) in enumerate(zip(paths, titles, strict=True)):
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((thumb, thumb))
+            axes[k // per_row, k % per_row].imshow(np.asarray(img))
+        axes[k // per_row, k % per_row].set_title(title, fontsize=7)
+    if not len(paths):
+        axes[0, 0].text(0.5, 0.5, empty, ha="left", va="center")
+    fig.tight_layout()
+    return fig
 
 
 def log_figure(fig, name: str, parent: bool = False) -> None:

@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from xfer.data.paths import FEATURES, METRICS, REPORTS, RUNS, SPLIT_NAMES, SPLITS
 
-STAGES = ("download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate", "scratch")
+STAGES = ("download", "split", "featurize", "audit", "views", "trunk", "train_head", "finetune", "evaluate", "scratch")
 # Which stages' outputs each stage reads (their run ids become the stage run's upstream.* tags).
 UPSTREAM = {
     "download": [],
     "split": ["download"],
     "featurize": ["split"],
+    "audit": ["featurize", "split"],
     "views": ["featurize"],
     "trunk": ["featurize"],
     "train_head": ["featurize", "views"],
@@ -34,8 +35,9 @@ UPSTREAM = {
     "evaluate": ["finetune", "train_head"],
     "scratch": ["split"],
 }
-# Nothing reads the scratch stage's outputs, so DVC may run it before or after the others: every stage summarizes
-# it once its outputs match the current params and split (reports/scratch.json records what produced them).
+# Nothing reads the scratch stage's or the audit's outputs, so DVC may run them before or after the others: every
+# stage summarizes them once their outputs match the current params and split (reports/scratch.json and
+# reports/audit.json record what produced them).
 KEY_PARAMS = ("backbone.name", "backbone.weights", "backbone.image_size", "backbone.unfreeze_from", "head.name",
               "head.units", "head.dropout", "head.learning_rate", "head.label_smoothing", "featurize.train_views",
               "finetune.enabled", "finetune.learning_rate", "finetune.epochs", "finetune.trunk_views",
@@ -43,7 +45,7 @@ KEY_PARAMS = ("backbone.name", "backbone.weights", "backbone.image_size", "backb
               "scratch.name", "scratch.image_size", "scratch.epochs")
 # Params that do not change what a pipeline computes (left out of config_digest, which groups seeds).
 # The scratch baseline is grouped on its own (scratch_config_digest).
-NOT_IN_DIGEST = ("seed", "mlflow", "evaluate.register", "evaluate.registered_model", "scratch")
+NOT_IN_DIGEST = ("seed", "mlflow", "evaluate.register", "evaluate.registered_model", "scratch", "audit")
 # What the scratch stage's results depend on (besides the split's manifests).
 SCRATCH_INPUTS = ("scratch", "runtime", "evaluate.tta", "evaluate.misclassified", "evaluate.correct_per_class")
 # What a null setting means, logged instead of "none".
@@ -57,7 +59,8 @@ RUN_METRICS = {"train_head": ("head_", FIT), "finetune": ("finetuned_", (*FIT, "
                "scratch": ("scratch_", (*FIT, "model_params", "test_accuracy_without_tta"))}
 # reports/metrics/<file>.json -> prefix of its numbers in the parent run.
 METRIC_FILES = {"download": ("download", "images_"), "featurize": ("featurize", "featurize_"),
-                "train_head": ("head", "head_"), "finetune": ("finetune", "finetuned_"), "evaluate": ("evaluate", ""),
+                "audit": ("audit", "audit_"), "train_head": ("head", "head_"), "finetune": ("finetune", "finetuned_"),
+                "evaluate": ("evaluate", ""),
                 "scratch": ("scratch", "")}  # its keys already say scratch_
 
 
@@ -137,6 +140,18 @@ def scratch_digest(cfg: DictConfig) -> str:
     manifests = [hashlib.sha256((SPLITS / f"{n}.csv").read_bytes()).hexdigest() if (SPLITS / f"{n}.csv").is_file()
                  else None for n in SPLIT_NAMES]
     return _digest({"config": scratch_config_digest(cfg), "seed": cfg.seed, "manifests": manifests})
+
+
+def audit_digest(cfg: DictConfig) -> str:
+    """Identifies what the audit's outputs come from: its params, the seed, the features' settings and the split's
+    manifests."""
+    def plain(key: str) -> Any:
+        value = OmegaConf.select(cfg, key)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    manifests = [hashlib.sha256((SPLITS / f"{n}.csv").read_bytes()).hexdigest() if (SPLITS / f"{n}.csv").is_file()
+                 else None for n in SPLIT_NAMES]
+    return _digest({k: plain(k) for k in ("audit", "seed", "data", "backbone", "featurize")} | {"manifests": manifests})
 
 
 def key_params(cfg: DictConfig) -> dict[str, Any]:
@@ -233,6 +248,8 @@ def refresh(client, parent_id: str, stage: str, pid: str, cfg: DictConfig, statu
     known = set(settled(stage))  # once the split is settled, the manifests the scratch digest reads are final
     if "split" in known and _read(REPORTS / "scratch.json").get("inputs_digest") == scratch_digest(cfg):
         known.add("scratch")
+    if "featurize" in known and _read(REPORTS / "audit.json").get("inputs_digest") == audit_digest(cfg):
+        known.add("audit")
     records = {s: _read(RUNS / f"{s}.json") for s in STAGES}  # a stage that ran in this pipeline is final too
     records = {s: r for s, r in records.items() if r.get("run_id") and (s in known or r.get("pipeline_id") == pid)}
     ran = [s for s, r in records.items() if r.get("pipeline_id") == pid]
