@@ -44,7 +44,6 @@ def grids(report: dict, n: int) -> tuple:
 
 
 def main(cfg: DictConfig) -> None:
-
     a = cfg.audit
     if a.filter_by not in FILTERS:
         raise XferError(f"audit.filter_by: '{a.filter_by}' is not one of {', '.join(FILTERS)}")
