@@ -31,10 +31,11 @@ from xfer.nets.runtimes import Runtime
 TOLERANCE = {"savedmodel": 1e-4, "onnx": 1e-4, "litert_float16": 1e-2, "litert_int8": 0.08}
 
 
-def tiny_model(n_out: int, seed: int = 0) -> keras.Model:
+def tiny_model(n_out: int, seed: int = 0, augment: bool = False) -> keras.Model:
     keras.utils.set_random_seed(seed)
     image = keras.Input((32, 32, 3), name="image")
-    x = Preprocess("mobilenet", name="preprocess")(image)
+    x = keras.layers.RandomFlip(seed=seed, name="random_flip")(image) if augment else image
+    x = Preprocess("mobilenet", name="preprocess")(x)
     x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(x)
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
@@ -108,14 +109,15 @@ def test_a_calibration_temperature_is_applied_inside_the_graph(tmp_path, exporte
             read_temperature(path)
 
 
-def test_a_mixed_precision_model_is_exported_in_float32():
+def test_a_mixed_precision_model_is_exported_in_float32_without_its_augmentation():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        model = tiny_model(3)
+        model = tiny_model(3, augment=True)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     copy = float32_model(model)
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    assert copy.get_layer("random_flip").__class__.__name__ == "Identity"
     assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in model.layers}
     x = images(4)
     assert np.allclose(copy.predict(x, verbose=0), model.predict(x, verbose=0), atol=0.02)  # bfloat16: 8 bits

@@ -81,27 +81,47 @@ class ClassProbabilities(keras.layers.Layer):
         return p
 
 
+def _is_augmentation(layer) -> bool:
+    """Keras's random preprocessing layers (finetune's augmentation): identity at inference, but their random
+    ops stay in a traced graph, and LiteRT/ONNX have none of them."""
+    return type(layer).__name__.startswith("Random") and type(layer).__module__.startswith("keras.")
+
+
+def _copy_weights(source: keras.Model, target: keras.Model) -> None:
+    for a, b in zip(source.layers, target.layers, strict=True):
+        if isinstance(a, keras.Model):
+            _copy_weights(a, b)
+        elif b.weights:
+            b.set_weights(a.get_weights())
+
+
 def float32_model(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` computing in float32 (LiteRT and ONNX need it; the model may have been trained under a
-    mixed bfloat16/float16 policy), with the same weights."""
+    """The model as it predicts, for the converters: computing in float32 (LiteRT and ONNX need it; it may have been
+    trained under a mixed bfloat16/float16 policy) and without its augmentation layers, with the same weights."""
+    layers = _all_layers(model)
+    if all(layer.dtype_policy.name == "float32" for layer in layers) and not any(map(_is_augmentation, layers)):
+        return model
+
     def fix(node):
         if isinstance(node, dict):
             if "DTypePolicy" in str(node.get("class_name", "")) and isinstance(node.get("config"), dict):
                 return {**node, "class_name": "DTypePolicy", "config": {**node["config"], "name": "float32"}}
+            if str(node.get("class_name", "")).startswith("Random") and str(node.get("module", "")).startswith(
+                    "keras") and isinstance(node.get("config"), dict):
+                node = {**node, "class_name": "Identity", "module": "keras.layers", "registered_name": None,
+                        "config": {"name": node["config"]["name"], "dtype": node["config"].get("dtype")}}
             return {k: fix(v) for k, v in node.items()}
         if isinstance(node, list):
             return [fix(v) for v in node]
         return "float32" if node in ("mixed_bfloat16", "mixed_float16", "bfloat16", "float16") else node
 
-    if all(layer.dtype_policy.name == "float32" for layer in _all_layers(model)):
-        return model
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
         clone = model.__class__.from_config(fix(model.get_config()))
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    clone.set_weights(model.get_weights())
+    _copy_weights(model, clone)
     return clone
 
 
