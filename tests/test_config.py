@@ -183,7 +183,7 @@ def test_dvc_yaml_declares_only_keys_that_exist_and_each_stage_script():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert list(dvc["stages"]) == ["download", "split", "featurize", "views", "trunk", "train_head", "finetune",
-                                   "evaluate", "export", "scratch"]
+                                   "evaluate", "scratch", "export"]
     # the from-scratch baseline reads the split only: a backbone, head or fine-tuning change never reruns it
     scratch = dvc["stages"]["scratch"]
     assert not any(k.startswith(("backbone", "head", "finetune", "featurize")) for k in scratch["params"])
