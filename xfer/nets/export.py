@@ -8,7 +8,8 @@ models too: [p(class 0), p(class 1)]), classes in data/raw/classes.json order. `
 image's and its mirror's probabilities inside the graph; a temperature in models/calibration.json (``{"temperature":
 T}``) is applied after that (probabilities -> log -> /T -> softmax). The int8 file is fully integer inside, with a
 float32 input and output (the converter's quantize/dequantize ops at both ends), so callers feed the same floats.
-Running the files and timing them is :mod:`xfer.nets.runtimes`.
+The converters get the model as it predicts: in float32 (whatever precision it was trained in) and without its
+augmentation layers. Running the files and timing them is :mod:`xfer.nets.runtimes`.
 """
 
 from __future__ import annotations
