@@ -14,9 +14,6 @@ augmentation layers. Running the files and timing them is :mod:`xfer.nets.runtim
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,6 +22,7 @@ import keras
 import numpy as np
 
 from xfer import XferError
+from xfer.nets.runtimes import quiet
 
 # format -> file name under models/export/
 FORMATS = {"savedmodel": "saved_model", "litert_float16": "model_float16.tflite",
@@ -189,31 +187,6 @@ def _all_layers(model: keras.Model) -> list:
     return out
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Converters print progress and errors to stdout/stderr, some from C++ (file descriptors 1 and 2): keep the
-    stage's output to its summary line (a failure is raised as one line instead)."""
-    import sys
-    import tempfile
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 1)
-        os.dup2(sink.fileno(), 2)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-
-
 def _tflite(saved_model: Path, target: Path, fmt: str, representative: Callable[[], Iterable] | None) -> None:
     import tensorflow as tf
 
@@ -238,7 +211,7 @@ def export_files(graph: keras.Model, formats: list[str], folder: Path,
     with tempfile.TemporaryDirectory() as tmp:
         saved = folder / FORMATS["savedmodel"] if "savedmodel" in formats else Path(tmp) / "saved_model"
         try:
-            with _quiet():
+            with quiet():
                 graph.export(str(saved), format="tf_saved_model", verbose=False)
         except Exception as exc:  # noqa: BLE001 - any converter failure becomes one line
             raise _converter_failure("savedmodel", exc, graph) from None
@@ -251,7 +224,7 @@ def export_files(graph: keras.Model, formats: list[str], folder: Path,
             if fmt == "litert_int8" and representative is None:
                 raise XferError("export litert_int8: no representative images for the int8 calibration")
             try:
-                with _quiet():
+                with quiet():
                     if fmt in TFLITE:
                         _tflite(saved, target, fmt, representative)
                     else:

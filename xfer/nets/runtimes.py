@@ -4,6 +4,8 @@ file for ``xfer predict --model x.tflite|x.onnx|saved_model/``."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import statistics
 import time
@@ -14,6 +16,32 @@ import numpy as np
 import pandas as pd
 
 from xfer import XferError
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence stdout/stderr, also what C++ code writes to file descriptors 1 and 2 (converters' progress and
+    errors, LiteRT's "Created TensorFlow Lite XNNPACK delegate"): a stage prints its summary line only (a failure
+    is raised as one line instead)."""
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def format_of(path: str | Path) -> str | None:
@@ -63,7 +91,8 @@ class Runtime:
     def _open_tflite(self) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        self._interp = Interpreter(model_path=str(self.path), num_threads=threads())
+        with quiet():
+            self._interp = Interpreter(model_path=str(self.path), num_threads=threads())
         self._in = self._interp.get_input_details()[0]
         self._out = self._interp.get_output_details()[0]
         self.size = int(self._in["shape"][1])
@@ -86,8 +115,9 @@ class Runtime:
         if self.kind == "onnx":
             return self._session.run(None, {self._input: batch})[0]
         if len(batch) != self._batch:
-            self._interp.resize_tensor_input(self._in["index"], list(batch.shape), strict=True)
-            self._interp.allocate_tensors()
+            with quiet():
+                self._interp.resize_tensor_input(self._in["index"], list(batch.shape), strict=True)
+                self._interp.allocate_tensors()
             self._batch = len(batch)
         self._interp.set_tensor(self._in["index"], batch)
         self._interp.invoke()
