@@ -101,8 +101,9 @@ def test_a_calibration_temperature_is_applied_inside_the_graph(tmp_path, exporte
     want = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     graph = export_graph(model, [], t)
     assert np.allclose(graph.predict(x, verbose=0), want, atol=1e-5)
-    files = export_files(graph, ["onnx"], tmp_path / "out")
-    assert np.allclose(Runtime(files["onnx"]).run(x), want, atol=1e-4)
+    files = export_files(graph, ["onnx", "litert_int8"], tmp_path / "out", representative)
+    assert np.allclose(Runtime(files["onnx"]).run(x), want, atol=TOLERANCE["onnx"])
+    assert np.allclose(Runtime(files["litert_int8"]).run(x), want, atol=TOLERANCE["litert_int8"])
     for bad in ('{"temperature": -1}', '{"t": 1}', "not json"):
         path.write_text(bad)
         with pytest.raises(XferError, match="calibration.json"):
