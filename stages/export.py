@@ -79,7 +79,7 @@ def main(cfg: DictConfig) -> None:
     temperature = read_temperature(CALIBRATION)
     test = read_manifest("test")
     y = test["label"].to_numpy()
-    with stage_run("export", cfg, ["export", "evaluate.tta", "seed"]) as run:
+    with stage_run("export", cfg, ["export", "evaluate.tta", "seed", "backbone.name"]) as run:
         log_inputs(cfg, "train", "test")
         model = Predictor.load(FINAL_MODEL, CLASSES).model
         size = int(model.input_shape[1])
