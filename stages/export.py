@@ -31,21 +31,6 @@ COMPARED = ("test_accuracy", "accuracy_diff_points", "max_probability_diff", "cl
             "size_vs_float32", "latency_1_ms", "latency_32_ms", "speedup_1")
 
 
-def representative(paths: list[str], size: int, n: int, seed: int):
-    """The int8 calibration set: ``n`` training images drawn with ``seed``, as a converter's generator."""
-    from xfer.data.images import image_dataset
-
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(paths), size=min(n, len(paths)), replace=False).tolist())
-    picked = [paths[i] for i in chosen]
-
-    def gen():
-        for x, _ in image_dataset(picked, np.zeros(len(picked), int), size, 1):
-            yield [x.numpy().astype(np.float32)]
-
-    return gen
-
-
 def main(cfg: DictConfig) -> None:
     import mlflow
 
@@ -60,6 +45,7 @@ def main(cfg: DictConfig) -> None:
         export_graph,
         float32_model,
         read_temperature,
+        representative_set,
         size_bytes,
     )
     from xfer.nets.runtimes import Runtime, cpu_name, latency_ms
@@ -86,7 +72,7 @@ def main(cfg: DictConfig) -> None:
         keras_graph = export_graph(model, tta, temperature, float32=False)
         graph = export_graph(model, tta, temperature)
         mixed = float32_model(model) is not model
-        rep = representative(image_paths(read_manifest("train")), size, int(e.representative_images), int(cfg.seed))
+        rep = representative_set(image_paths(read_manifest("train")), size, int(e.representative_images), int(cfg.seed))
         with atomic_dir(EXPORT) as tmp:
             files = export_files(graph, formats, tmp, rep)
             runtimes = {fmt: Runtime(path) for fmt, path in files.items()}

@@ -23,6 +23,7 @@ from xfer.nets.export import (
     export_graph,
     float32_model,
     read_temperature,
+    representative_set,
 )
 from xfer.nets.runtimes import Runtime
 
@@ -155,6 +156,24 @@ def test_litert_files_are_byte_reproducible_and_every_format_repeats_its_predict
     x = images(16)
     for fmt in FORMATS:
         assert np.array_equal(Runtime(again[fmt]).run(x), Runtime(first[fmt]).run(x)), fmt
+
+
+def test_the_int8_calibration_set_is_drawn_from_the_training_images_with_the_seed(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(paths[-1])
+
+    def drawn(seed):
+        return [int(round(float(batch[0].mean()))) // 20 for batch in representative_set(paths, 16, 5, seed)()]
+
+    first = drawn(42)
+    assert len(first) == 5 and len(set(first)) == 5 and first == sorted(first) and drawn(42) == first
+    assert drawn(7) != first
+    assert all(b[0].shape == (1, 16, 16, 3) and b[0].dtype == np.float32 for b in representative_set(paths, 16, 2, 1)())
+    assert len(list(representative_set(paths, 16, 50, 1)())) == 12  # never more than there are
 
 
 def test_bad_formats_and_an_accuracy_drop_are_one_line():

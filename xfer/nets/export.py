@@ -200,6 +200,21 @@ def _tflite(saved_model: Path, target: Path, fmt: str, representative: Callable[
     target.write_bytes(converter.convert())
 
 
+def representative_set(paths: list[str], size: int, n: int, seed: int):
+    """The int8 calibration set: ``n`` training images drawn with ``seed``, as a converter's generator."""
+    from xfer.data.images import image_dataset
+
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(paths), size=min(n, len(paths)), replace=False).tolist())
+    picked = [paths[i] for i in chosen]
+
+    def gen():
+        for x, _ in image_dataset(picked, np.zeros(len(picked), int), size, 1):
+            yield [x.numpy().astype(np.float32)]
+
+    return gen
+
+
 def export_files(graph: keras.Model, formats: list[str], folder: Path,
                  representative: Callable[[], Iterable] | None = None) -> dict[str, Path]:
     """Write each format's file into ``folder`` (FORMATS names); ``representative`` yields ``[batch]`` lists of
