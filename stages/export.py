@@ -11,6 +11,7 @@ to this stage's MLflow run and tagged on the model version evaluate registered.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -89,7 +90,10 @@ def main(cfg: DictConfig) -> None:
             ref_acc = float(np.mean(reference.argmax(1) == y))
             results = {fmt: agreement(y, reference, np.concatenate(p)) for fmt, p in probs.items()}
             for fmt, p in probs.items():
-                results[fmt]["max_probability_diff_float32"] = float(np.abs(np.concatenate(p) - ref32).max())
+                p = np.concatenate(p)
+                results[fmt]["max_probability_diff_float32"] = float(np.abs(p - ref32).max())
+                # what stays the same when a converter's bytes do not (SavedModel, ONNX): the test predictions
+                results[fmt]["predictions_sha256"] = hashlib.sha256(np.round(p, 4).astype("<f4").tobytes()).hexdigest()
             for fmt, r in results.items():
                 check_drop(fmt, r["test_accuracy"], ref_acc, float(e.max_accuracy_drop))
             float32_bytes = 4 * int(model.count_params())

@@ -214,6 +214,7 @@ def test_the_stage_reports_each_format_against_the_keras_model(tiny_run):
         assert r["accuracy_diff_points"] == pytest.approx(100 * (r["test_accuracy"] - report["keras"]["test_accuracy"]))
         assert 0 <= r["max_probability_diff"] < TOLERANCE[fmt] and 0.8 <= r["class_agreement"] <= 1
         assert r["size_mb"] > 0 and r["latency_1_ms"] > 0 and r["latency_32_ms"] > 0
+        assert len(r["sha256"]) == len(r["predictions_sha256"]) == 64
         for key in ("test_accuracy", "accuracy_diff_points", "size_mb", "latency_1_ms", "latency_32_ms"):
             assert metrics[f"{fmt}_{key}"] == pytest.approx(r[key], abs=1e-6)
     sizes = {fmt: r["size_vs_float32"] for fmt, r in report["formats"].items()}
@@ -263,11 +264,16 @@ def test_predict_takes_an_exported_file(tiny_run, tmp_path, monkeypatch, capsys)
     assert "--tta does not apply to the exported file" in capsys.readouterr().err
 
 
-def test_an_accuracy_drop_fails_the_stage_and_leaves_the_previous_files(tiny_run):
+def test_a_rerun_repeats_the_predictions_and_an_accuracy_drop_fails_leaving_the_files(tiny_run):
     root, _ = tiny_run
     from stages import export
     from xfer.core.config import load_params
 
+    first = read_json(root / "reports/export.json")["formats"]
+    export.main(load_params([*TINY, *EXTRA]))  # a rerun: the same LiteRT bytes, the same predictions everywhere
+    again = read_json(root / "reports/export.json")["formats"]
+    assert all(again[f]["predictions_sha256"] == first[f]["predictions_sha256"] for f in FORMATS)
+    assert all(again[f]["sha256"] == first[f]["sha256"] for f in ("litert_float16", "litert_int8"))
     before = {p.name: digest(p) for p in (root / "models/export").iterdir()}
     report = (root / "reports/export.json").read_bytes()
     cfg = load_params([*TINY, *EXTRA, "export.formats=[litert_int8]", "export.max_accuracy_drop=-1"])
