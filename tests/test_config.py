@@ -183,7 +183,7 @@ def test_dvc_yaml_declares_only_keys_that_exist_and_each_stage_script():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert list(dvc["stages"]) == ["download", "split", "featurize", "audit", "views", "trunk", "train_head",
-                                   "finetune", "evaluate", "scratch"]
+                                   "finetune", "evaluate", "scratch", "export"]
     # the audit reads features and the split, never a model: a head edit never reruns it
     audit = dvc["stages"]["audit"]
     assert not any(k.startswith(("head", "finetune")) for k in audit["params"])

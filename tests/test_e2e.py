@@ -101,7 +101,7 @@ def test_one_parent_run_per_pipeline_with_its_stage_runs_nested(demo_repo):
     client, exp, runs = mlflow_runs(root)
     names = [r.info.run_name for r in runs]
     assert names == ["download", "split", *(f"{s}-vgg16" for s in ("featurize", "audit", "views", "trunk",
-                                                                     "train_head", "finetune", "evaluate"))]
+                                                                     "train_head", "finetune", "evaluate", "export"))]
     pipeline = {r.data.tags["pipeline_id"] for r in runs}
     assert len(pipeline) == 1 and re.fullmatch(r"[0-9a-f]{8}", pipeline.pop())  # derived from the dvc process
     _, _, (parent,) = mlflow_runs(root, "pipeline")
@@ -109,7 +109,8 @@ def test_one_parent_run_per_pipeline_with_its_stage_runs_nested(demo_repo):
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
     assert parent.data.metrics["test_accuracy"] > 0.9 and parent.data.tags["cached_stages"] == "none"
     assert exp.artifact_location == (root / "mlruns" / "artifacts").as_uri()
-    assert client.list_artifacts(runs[-2].info.run_id, "keras_model")  # finetune logged its model
+    assert client.list_artifacts(runs[-3].info.run_id, "keras_model")  # finetune logged its model
+    assert client.list_artifacts(runs[-1].info.run_id, "export")  # export logged the deployable files
 
 
 def test_killed_and_forced_reruns_change_no_byte_and_rerun_nothing_below(demo_repo):
@@ -149,7 +150,7 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
     params.write_text(params.read_text().replace("units: 256", "units: 128"))
     log = run([*dvc, "repro"], root, env)
     ran = re.findall(r"Running stage '(\w+)'", log)
-    assert ran == ["train_head", "finetune", "evaluate"]
+    assert ran == ["train_head", "finetune", "evaluate", "export"]
     for stage in ("download", "split", "featurize"):
         assert f"Stage '{stage}' didn't change, skipping" in log
     # What a user sees: per stage one progress bar and one summary line; no Keras epoch lines, no TensorFlow,
@@ -162,13 +163,14 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
         assert noise not in log, f"{noise!r} in the log:\n{log}"
     _, _, runs = mlflow_runs(root)
     latest = [r for r in runs if r.data.tags["pipeline_id"] == runs[-1].data.tags["pipeline_id"]]
-    assert [r.info.run_name for r in latest] == ["train_head-vgg16", "finetune-vgg16", "evaluate-vgg16"]
+    assert [r.info.run_name for r in latest] == ["train_head-vgg16", "finetune-vgg16", "evaluate-vgg16",
+                                                 "export-vgg16"]
     assert latest[0].data.params["head.units"] == "128"
     # Its parent still summarizes the cached stages, linked to the runs that produced them.
     _, _, parents = mlflow_runs(root, "pipeline")
     t, m = parents[-1].data.tags, parents[-1].data.metrics
     assert t["cached_stages"] == "download,split,featurize,audit,views,trunk"  # the audit is not below the head
-    assert t["ran_stages"] == "train_head,finetune,evaluate"
+    assert t["ran_stages"] == "train_head,finetune,evaluate,export"
     assert parents[-1].data.params["head.units"] == "128"
     assert {"images_kept", "featurize_images_per_sec", "featurize_seconds", "test_accuracy",
             "audit_label_issues", "audit_near_duplicate_pairs"} <= set(m)

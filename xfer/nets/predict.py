@@ -1,6 +1,7 @@
 """Predict: classify image files with the trained model; write a CSV (path, class, probability).
 
-usage: xfer predict FILE_OR_FOLDER [...] [--model models/model.keras | models:/NAME@candidate]
+usage: xfer predict FILE_OR_FOLDER [...] [--model models/model.keras | models:/NAME@candidate | FILE.tflite |
+                                         FILE.onnx | SAVED_MODEL_DIR]
                                 [--classes data/raw/classes.json] [--out predictions.csv] [--tta flip|none]
                                 [--explain]
 Unreadable files are listed and skipped. Test-time augmentation follows evaluate.tta in params.yaml unless --tta
@@ -49,9 +50,21 @@ def default_tta() -> list[str]:
         return []
 
 
-def load(model: str, classes: str, tta=()):
+def load(model: str, classes: str, tta=(), explicit_tta: bool = False, explain: bool = False):
     """A :class:`xfer.nets.serving.Predictor` from a .keras file or an MLflow model URI (with the TTA it was logged
-    with)."""
+    with), or a :class:`xfer.nets.runtimes.ExportedPredictor` from an exported file."""
+    from xfer.nets.runtimes import ExportedPredictor, format_of
+
+    if format_of(model) or model.endswith((".tflite", ".onnx")):
+        for option, given in (("--tta", explicit_tta), ("--explain", explain)):
+            if given:
+                raise XferError(f"{option} does not apply to the exported file {model} (its TTA is built in; "
+                                "Grad-CAM needs the .keras model)")
+        if not Path(classes).is_file():
+            raise XferError(f"{classes} not found; pass --classes (the classes.json of the data it was trained on)")
+        import json
+
+        return ExportedPredictor(model, json.loads(Path(classes).read_text()))
     if "://" in model or model.startswith("models:/"):
         import mlflow.pyfunc
 
@@ -117,8 +130,10 @@ def predict(files: list[Path], predictor, batch: int = 32, explain_to: Path | No
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="xfer predict", description=__doc__.splitlines()[0])
     ap.add_argument("targets", nargs="+", help="image files or folders")
-    ap.add_argument("--model", default=str(FINAL_MODEL), help="a .keras file or an MLflow URI (models:/NAME@candidate)")
-    ap.add_argument("--classes", default=str(CLASSES), help="class names JSON (for a .keras model)")
+    ap.add_argument("--model", default=str(FINAL_MODEL),
+                    help="a .keras file, an MLflow URI (models:/NAME@candidate) or an exported .tflite/.onnx file or "
+                    "SavedModel folder")
+    ap.add_argument("--classes", default=str(CLASSES), help="class names JSON (for a .keras or exported model)")
     ap.add_argument("--out", default="predictions.csv")
     ap.add_argument("--tta", choices=["flip", "none"], default=None,
                     help="average with the mirrored image (default: evaluate.tta of params.yaml)")
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.out).with_name(f"{Path(args.out).stem}_explained") if args.explain else None
     try:
         files = collect(args.targets)
-        predictor = load(args.model, args.classes, tta)
+        predictor = load(args.model, args.classes, tta, args.tta is not None, args.explain)
         with atomic_dir(folder) if folder else contextlib.nullcontext() as tmp_folder:
             frame, skipped = predict(files, predictor, explain_to=tmp_folder)
             if folder:

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from xfer.data.paths import FEATURES, METRICS, REPORTS, RUNS, SPLIT_NAMES, SPLITS
 
-STAGES = ("download", "split", "featurize", "audit", "views", "trunk", "train_head", "finetune", "evaluate", "scratch")
+STAGES = ("download", "split", "featurize", "audit", "views", "trunk", "train_head", "finetune", "evaluate", "scratch",
+          "export")
 # Which stages' outputs each stage reads (their run ids become the stage run's upstream.* tags).
 UPSTREAM = {
     "download": [],
@@ -33,6 +34,7 @@ UPSTREAM = {
     "train_head": ["featurize", "views"],
     "finetune": ["train_head", "featurize", "trunk"],
     "evaluate": ["finetune", "train_head"],
+    "export": ["evaluate"],
     "scratch": ["split"],
 }
 # Nothing reads the scratch stage's or the audit's outputs, so DVC may run them before or after the others: every
@@ -60,7 +62,7 @@ RUN_METRICS = {"train_head": ("head_", FIT), "finetune": ("finetuned_", (*FIT, "
 # reports/metrics/<file>.json -> prefix of its numbers in the parent run.
 METRIC_FILES = {"download": ("download", "images_"), "featurize": ("featurize", "featurize_"),
                 "audit": ("audit", "audit_"), "train_head": ("head", "head_"), "finetune": ("finetune", "finetuned_"),
-                "evaluate": ("evaluate", ""),
+                "evaluate": ("evaluate", ""), "export": ("export", "export_"),
                 "scratch": ("scratch", "")}  # its keys already say scratch_
 
 
@@ -321,3 +323,27 @@ def model_card(cfg: DictConfig, run, metrics: dict) -> tuple[str, dict[str, str]
             "run_id": run.info.run_id, **{k: t.get(k, "") for k in ("pipeline_id", "git_commit", "dvc_exp_name")},
             "parent_run_id": t.get("mlflow.parentRunId", "")}
     return description, tags
+
+
+def tag_model_version(evaluate_run_id: str | None, export_run_id: str, flat: dict[str, float],
+                      formats: dict[str, dict]) -> str:
+    """Tag the model version registered by the evaluate run with each exported file (its artifact URI in the
+    export run) and its test accuracy, size and latency; say which version (or that none was registered)."""
+    import mlflow
+
+    from xfer.core.retry import retry_locked
+
+    client = mlflow.MlflowClient()
+    versions = (retry_locked(client.search_model_versions, f"run_id = '{evaluate_run_id}'")
+                if evaluate_run_id else [])
+    if not versions:
+        return "no registered model version to tag (evaluate.register=false?)"
+    v = versions[0]
+    tags = {"export_run_id": export_run_id}
+    for fmt, r in formats.items():
+        tags[f"export.{fmt}.uri"] = f"runs:/{export_run_id}/export/{r['file']}"
+        tags.update({f"export.{fmt}.{k}": f"{flat[f'{fmt}_{k}']:.4g}" for k in
+                     ("test_accuracy", "accuracy_diff_points", "size_mb", "latency_1_ms")})
+    for key, value in tags.items():
+        retry_locked(client.set_model_version_tag, v.name, v.version, key, value)
+    return f"files tagged on models:/{v.name}/{v.version}"

@@ -1,0 +1,141 @@
+"""Export stage: the final model as deployable files (export.formats: SavedModel, LiteRT float16, LiteRT int8,
+ONNX; see xfer/nets/export.py for what the graph takes and returns), each checked by its own runtime on the test
+images against the Keras model.
+
+Outputs models/export/ (the files, and model.json describing input, output and classes), reports/export.json and
+reports/metrics/export.json (per format: test accuracy and its difference to the Keras model, largest probability
+difference, class agreement, size, single-image and batch-32 latency on this CPU). A format more than
+export.max_accuracy_drop points below the Keras model fails the stage and nothing is written. The files are logged
+to this stage's MLflow run and tagged on the model version evaluate registered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+from omegaconf import DictConfig
+
+from xfer import XferError
+from xfer.core.config import run_cli
+from xfer.core.files import atomic_dir, read_json, write_json
+from xfer.core.retry import retry_locked
+from xfer.data.paths import CLASSES, FINAL_MODEL, METRICS, MODELS, REPORTS, RUNS, image_paths, read_manifest
+from xfer.track.runs import log_inputs, stage_run
+
+EXPORT = MODELS / "export"
+CALIBRATION = MODELS / "calibration.json"
+REPORT = REPORTS / "export.json"
+# Per format in reports/metrics/export.json (as <format>_<key>); the rest stays in reports/export.json.
+COMPARED = ("test_accuracy", "accuracy_diff_points", "max_probability_diff", "class_agreement", "size_mb",
+            "size_vs_float32", "latency_1_ms", "latency_32_ms", "speedup_1")
+
+
+def main(cfg: DictConfig) -> None:
+    import mlflow
+
+    from xfer.data.images import image_dataset
+    from xfer.nets.export import (
+        FORMATS,
+        agreement,
+        check_drop,
+        check_formats,
+        digest,
+        export_files,
+        export_graph,
+        float32_model,
+        read_temperature,
+        representative_set,
+        size_bytes,
+    )
+    from xfer.nets.runtimes import Runtime, cpu_name, latency_ms
+    from xfer.nets.serving import Predictor, check_tta
+    from xfer.track.summary import tag_model_version
+
+    e = cfg.export
+    formats = check_formats(e.formats)
+    try:
+        tta = check_tta(cfg.evaluate.tta)
+    except ValueError as exc:
+        raise XferError(f"evaluate.{exc}") from None
+    for path in (FINAL_MODEL, CLASSES):
+        if not path.is_file():
+            raise XferError(f"{path} not found; run the pipeline up to evaluate first (dvc repro evaluate)")
+    classes = read_json(CLASSES)
+    temperature = read_temperature(CALIBRATION)
+    test = read_manifest("test")
+    y = test["label"].to_numpy()
+    with stage_run("export", cfg, ["export", "evaluate.tta", "seed", "backbone.name"]) as run:
+        log_inputs(cfg, "train", "test")
+        model = Predictor.load(FINAL_MODEL, CLASSES).model
+        size = int(model.input_shape[1])
+        keras_graph = export_graph(model, tta, temperature, float32=False)
+        graph = export_graph(model, tta, temperature)
+        mixed = float32_model(model) is not model
+        rep = representative_set(image_paths(read_manifest("train")), size, int(e.representative_images), int(cfg.seed))
+        with atomic_dir(EXPORT) as tmp:
+            files = export_files(graph, formats, tmp, rep)
+            runtimes = {fmt: Runtime(path) for fmt, path in files.items()}
+            # The reference is the Keras model as evaluate ran it (in its own precision); when that is not float32,
+            # the float32 graph the converters saw is also compared (what conversion alone changes).
+            reference, ref32, probs = [], [], {fmt: [] for fmt in files}
+            for x, _ in image_dataset(image_paths(test), y, size, 32):
+                batch = x.numpy()
+                reference.append(keras_graph.predict(batch, verbose=0, batch_size=32))
+                ref32.append(graph.predict(batch, verbose=0, batch_size=32) if mixed else reference[-1])
+                for fmt, rt in runtimes.items():
+                    probs[fmt].append(rt.run(batch))
+            reference, ref32 = np.concatenate(reference), np.concatenate(ref32)
+            ref_acc = float(np.mean(reference.argmax(1) == y))
+            results = {fmt: agreement(y, reference, np.concatenate(p)) for fmt, p in probs.items()}
+            for fmt, p in probs.items():
+                p = np.concatenate(p)
+                results[fmt]["max_probability_diff_float32"] = float(np.abs(p - ref32).max())
+                # what stays the same when a converter's bytes do not (SavedModel, ONNX): the test predictions
+                results[fmt]["predictions_sha256"] = hashlib.sha256(np.round(p, 4).astype("<f4").tobytes()).hexdigest()
+            for fmt, r in results.items():
+                check_drop(fmt, r["test_accuracy"], ref_acc, float(e.max_accuracy_drop))
+            float32_bytes = 4 * int(model.count_params())
+            one, many = batch[:1], np.concatenate([batch] * -(-32 // len(batch)))[:32]
+            repeats = int(e.latency_repeats)
+            keras = {"test_accuracy": ref_acc, "float32_test_accuracy": float(np.mean(ref32.argmax(1) == y)),
+                     "size_mb": float32_bytes / 1e6, "size_vs_float32": 1.0,
+                     "latency_1_ms": latency_ms(lambda b: keras_graph.predict(b, verbose=0), one, repeats),
+                     "latency_32_ms": latency_ms(lambda b: keras_graph.predict(b, verbose=0), many, repeats),
+                     "latency_1_call_ms": latency_ms(lambda b: keras_graph(b, training=False), one, repeats)}
+            for fmt, r in results.items():
+                rt = runtimes[fmt]
+                r.update(file=FORMATS[fmt], sha256=digest(files[fmt]), size_mb=size_bytes(files[fmt]) / 1e6,
+                         size_vs_float32=size_bytes(files[fmt]) / float32_bytes,
+                         latency_1_ms=latency_ms(rt.run, one, repeats), latency_32_ms=latency_ms(rt.run, many, repeats))
+                r["speedup_1"] = keras["latency_1_ms"] / r["latency_1_ms"]
+            write_json(tmp / "model.json", {
+                "input": {"name": "image", "dtype": "float32", "shape": [None, size, size, 3],
+                          "values": "RGB in [0, 255], resized by the caller (bilinear) to the fixed size"},
+                "output": {"name": "probabilities", "dtype": "float32", "shape": [None, len(classes)]},
+                "classes": classes, "tta": tta, "temperature": temperature, "backbone": cfg.backbone.name,
+                "files": {fmt: FORMATS[fmt] for fmt in files}})
+            del runtimes
+        report = {"cpu": cpu_name(), "test_images": len(y), "tta": tta, "temperature": temperature,
+                  "latency": f"median of {repeats} runs after 2 warm-ups; Keras: model.predict (latency_1_call_ms: "
+                  "model(x) without predict's overhead) of the same graph",
+                  "reference": "the Keras model as evaluate runs it (its own precision); max_probability_diff_float32: "
+                  "against the float32 graph the converters were given",
+                  "keras": keras, "formats": results}
+        write_json(REPORT, report)
+        flat = {f"keras_{k}": round(float(v), 6) for k, v in keras.items()}
+        flat.update({f"{fmt}_{k}": round(float(r[k]), 6) for fmt, r in results.items() for k in COMPARED})
+        write_json(METRICS / "export.json", flat)
+        retry_locked(mlflow.log_metrics, flat)
+        retry_locked(mlflow.log_dict, report, "export.json")
+        retry_locked(mlflow.log_artifacts, str(EXPORT), "export")
+        version = tag_model_version(read_json(RUNS / "evaluate.json")["run_id"] if (RUNS / "evaluate.json").is_file()
+                                    else None, run.info.run_id, flat, results)
+    shown = {fmt: {"acc_diff": round(r["accuracy_diff_points"], 2), "MB": round(r["size_mb"], 2),
+                   "ms": round(r["latency_1_ms"], 2)} for fmt, r in results.items()}
+    print(f"export: {json.dumps(shown)}; keras {keras['latency_1_ms']:.1f} ms/image; {version}")
+
+
+if __name__ == "__main__":
+    run_cli(main, tensorflow=True)

@@ -1,0 +1,285 @@
+"""Export: tiny generated models to every format (SavedModel, LiteRT float16/int8, ONNX), each run by its own
+runtime and compared with the Keras model; the export stage on the tiny pipeline (reports, MLflow, predict)."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import TINY, tiny_project
+from xfer import XferError
+from xfer.core.files import read_json
+from xfer.nets.backbones import Preprocess
+from xfer.nets.export import (
+    FORMATS,
+    check_drop,
+    check_formats,
+    digest,
+    export_files,
+    export_graph,
+    float32_model,
+    read_temperature,
+    representative_set,
+)
+from xfer.nets.runtimes import Runtime
+
+# Largest |probability difference| to the Keras model: float32 runtimes sum in another order (1e-4, see
+# conftest.FLOAT32_ATOL); float16 weights round to 11 bits; int8 quantizes every activation to 256 levels.
+TOLERANCE = {"savedmodel": 1e-4, "onnx": 1e-4, "litert_float16": 1e-2, "litert_int8": 0.08}
+
+
+def tiny_model(n_out: int, seed: int = 0, augment: bool = False) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.RandomFlip(seed=seed, name="random_flip")(image) if augment else image
+    x = Preprocess("mobilenet", name="preprocess")(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(n_out, activation="sigmoid" if n_out == 1 else "softmax", name="prob")(x)
+    return keras.Model(image, out)
+
+
+def images(n: int, seed: int = 1) -> np.ndarray:
+    """Smooth random images (a gradient plus noise), so quantization ranges are like a photo's."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 255, 32, dtype=np.float32)[None, None, :, None]
+    return np.clip(ramp * rng.uniform(0, 1, (n, 1, 1, 3)) + rng.normal(0, 30, (n, 32, 32, 3)), 0, 255
+                   ).astype(np.float32)
+
+
+def representative():
+    for x in images(24, seed=2):
+        yield [x[None]]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = tiny_model(3)
+    graph = export_graph(model, ["flip"])
+    folder = tmp_path_factory.mktemp("export")
+    return model, graph, export_files(graph, list(FORMATS), folder, representative)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_every_format_gives_the_keras_models_probabilities_with_its_own_runtime(exported, fmt):
+    model, graph, files = exported
+    x = images(40)
+    expected = graph.predict(x, verbose=0)
+    runtime = Runtime(files[fmt])
+    assert runtime.size == 32
+    got = runtime.run(x)
+    assert got.shape == (40, 3) and got.dtype == np.float32
+    assert np.abs(got - expected).max() < TOLERANCE[fmt]
+    assert np.mean(got.argmax(1) == expected.argmax(1)) >= (0.9 if fmt == "litert_int8" else 1.0)
+    assert np.allclose(runtime.run(x[:1]), got[:1], atol=TOLERANCE[fmt])  # a batch of one (resized input)
+
+
+def test_the_graph_includes_preprocessing_tta_and_binary_probabilities():
+    """Raw [0, 255] images in; a sigmoid model's (n, 1) as [1 - p, p], averaged with the mirror (tta: [flip])."""
+    model = tiny_model(1)
+    x = images(8)
+    p, q = model.predict(x, verbose=0), model.predict(x[:, :, ::-1], verbose=0)
+    want = np.mean([np.hstack([1 - p, p]), np.hstack([1 - q, q])], axis=0)
+    assert np.allclose(export_graph(model, ["flip"]).predict(x, verbose=0), want, atol=1e-6)
+    assert np.allclose(export_graph(model, []).predict(x, verbose=0), np.hstack([1 - p, p]), atol=1e-6)
+    assert not np.allclose(want, np.hstack([1 - p, p]), atol=1e-4)  # the mirror does change something
+
+
+def test_a_calibration_temperature_is_applied_inside_the_graph(tmp_path, exported):
+    model, _, _ = exported
+    path = tmp_path / "calibration.json"
+    assert read_temperature(path) is None  # no file: no calibration
+    path.write_text(json.dumps({"temperature": 2.5}))
+    t = read_temperature(path)
+    x = images(6)
+    p = export_graph(model, []).predict(x, verbose=0)
+    logits = np.log(p) / t
+    want = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    graph = export_graph(model, [], t)
+    assert np.allclose(graph.predict(x, verbose=0), want, atol=1e-5)
+    files = export_files(graph, ["onnx", "litert_int8"], tmp_path / "out", representative)
+    assert np.allclose(Runtime(files["onnx"]).run(x), want, atol=TOLERANCE["onnx"])
+    assert np.allclose(Runtime(files["litert_int8"]).run(x), want, atol=TOLERANCE["litert_int8"])
+    for bad in ('{"temperature": -1}', '{"t": 1}', "not json"):
+        path.write_text(bad)
+        with pytest.raises(XferError, match="calibration.json"):
+            read_temperature(path)
+
+
+def test_a_mixed_precision_model_is_exported_in_float32_without_its_augmentation():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = tiny_model(3, augment=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    copy = float32_model(model)
+    assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    assert copy.get_layer("random_flip").__class__.__name__ == "Identity"
+    assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in model.layers}
+    x = images(4)
+    assert np.allclose(copy.predict(x, verbose=0), model.predict(x, verbose=0), atol=0.02)  # bfloat16: 8 bits
+
+
+@keras.saving.register_keras_serializable(package="xfer_tests")
+class Bessel(keras.layers.Layer):
+    """An op neither LiteRT's builtins nor ONNX have."""
+
+    def call(self, x):
+        import tensorflow as tf
+
+        return tf.math.bessel_i1e(x)
+
+
+@pytest.mark.parametrize("fmt", ["litert_float16", "litert_int8", "onnx"])
+def test_a_layer_the_converter_cannot_handle_fails_in_one_line_naming_format_and_layer(tmp_path, fmt):
+    image = keras.Input((8, 8, 3), name="image")
+    x = Bessel(name="odd_layer")(keras.layers.Conv2D(4, 3, name="conv")(image))
+    model = keras.Model(image, keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+    with pytest.raises(XferError) as err:
+        export_files(export_graph(model), [fmt], tmp_path, lambda: ([np.full((1, 8, 8, 3), 99.0, np.float32)]
+                                                                    for _ in range(2)))
+    message = str(err.value)
+    assert message.startswith(f"export {fmt}: ") and "layer 'odd_layer'" in message and "BesselI1e" in message
+    assert "\n" not in message and len(message) < 200
+
+
+def test_litert_files_are_byte_reproducible_and_every_format_repeats_its_predictions(exported, tmp_path):
+    _, graph, first = exported
+    again = export_files(graph, list(FORMATS), tmp_path, representative)
+    for fmt in ("litert_float16", "litert_int8"):
+        assert digest(again[fmt]) == digest(first[fmt]), fmt
+    x = images(16)
+    for fmt in FORMATS:
+        assert np.array_equal(Runtime(again[fmt]).run(x), Runtime(first[fmt]).run(x)), fmt
+
+
+def test_the_int8_calibration_set_is_drawn_from_the_training_images_with_the_seed(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(paths[-1])
+
+    def drawn(seed):
+        return [int(round(float(batch[0].mean()))) // 20 for batch in representative_set(paths, 16, 5, seed)()]
+
+    first = drawn(42)
+    assert len(first) == 5 and len(set(first)) == 5 and first == sorted(first) and drawn(42) == first
+    assert drawn(7) != first
+    assert all(b[0].shape == (1, 16, 16, 3) and b[0].dtype == np.float32 for b in representative_set(paths, 16, 2, 1)())
+    assert len(list(representative_set(paths, 16, 50, 1)())) == 12  # never more than there are
+
+
+def test_bad_formats_and_an_accuracy_drop_are_one_line():
+    assert check_formats(["onnx", "savedmodel"]) == ["savedmodel", "onnx"]
+    with pytest.raises(XferError, match="'tflite' is not one of savedmodel, litert_float16"):
+        check_formats(["tflite"])
+    with pytest.raises(XferError, match="is empty"):
+        check_formats([])
+    check_drop("onnx", 0.9, 0.904, 0.5)
+    with pytest.raises(XferError, match=r"export litert_int8: test accuracy 89.00% is 1.00 points below the Keras "
+                                        r"model's 90.00%"):
+        check_drop("litert_int8", 0.89, 0.90, 0.5)
+
+
+# The stage on the tiny pipeline: a random MobileNet (small, fast to convert) fine-tuned at 32 px, flip TTA.
+STAGES = ["download", "split", "featurize", "views", "trunk", "train_head", "finetune", "evaluate", "export"]
+EXTRA = ["backbone=mobilenet", "backbone.weights=null", "backbone.image_size=32", "backbone.unfreeze_from=conv_dw_13",
+         f"export.formats=[{','.join(FORMATS)}]", "export.representative_images=8", "export.latency_repeats=3",
+         "export.max_accuracy_drop=100"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    with tiny_project(tmp_path_factory.mktemp("tiny") / "proj", STAGES, "export-under-test", EXTRA) as (root, cfg):
+        yield root, cfg
+
+
+def test_the_stage_reports_each_format_against_the_keras_model(tiny_run):
+    root, _ = tiny_run
+    report = read_json(root / "reports/export.json")
+    metrics = read_json(root / "reports/metrics/export.json")
+    evaluate = read_json(root / "reports/metrics/evaluate.json")
+    assert report["test_images"] == 12 and report["tta"] == ["flip"] and report["cpu"]
+    assert report["keras"]["test_accuracy"] == pytest.approx(evaluate["test_accuracy"])
+    assert set(report["formats"]) == set(FORMATS)
+    for fmt, r in report["formats"].items():
+        assert (root / "models/export" / r["file"]).exists()
+        assert r["accuracy_diff_points"] == pytest.approx(100 * (r["test_accuracy"] - report["keras"]["test_accuracy"]))
+        assert 0 <= r["max_probability_diff"] < TOLERANCE[fmt] and 0.8 <= r["class_agreement"] <= 1
+        assert r["size_mb"] > 0 and r["latency_1_ms"] > 0 and r["latency_32_ms"] > 0
+        assert len(r["sha256"]) == len(r["predictions_sha256"]) == 64
+        for key in ("test_accuracy", "accuracy_diff_points", "size_mb", "latency_1_ms", "latency_32_ms"):
+            assert metrics[f"{fmt}_{key}"] == pytest.approx(r[key], abs=1e-6)
+    sizes = {fmt: r["size_vs_float32"] for fmt, r in report["formats"].items()}
+    assert sizes["litert_int8"] < sizes["litert_float16"] < 1.0 < sizes["onnx"] * 1.5
+    card = read_json(root / "models/export/model.json")
+    assert card["classes"] == ["blobs", "stripes"] and card["input"]["shape"] == [None, 32, 32, 3]
+    assert card["tta"] == ["flip"] and card["temperature"] is None
+    assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_the_files_are_logged_tagged_on_the_model_version_and_summarized_in_the_parent(tiny_run):
+    root, _ = tiny_run
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run_id = read_json(root / "reports/runs/export.json")["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.tags["upstream.evaluate"] == read_json(root / "reports/runs/evaluate.json")["run_id"]
+    logged = {f.path for f in client.list_artifacts(run_id, "export")}
+    assert {f"export/{name}" for name in FORMATS.values()} <= logged and "export/model.json" in logged
+    version = client.get_model_version_by_alias("synthetic-classifier", "candidate")
+    assert version.tags["export_run_id"] == run_id
+    assert version.tags["export.litert_int8.uri"] == f"runs:/{run_id}/export/model_int8.tflite"
+    metrics = read_json(root / "reports/metrics/export.json")
+    assert float(version.tags["export.onnx.test_accuracy"]) == pytest.approx(metrics["onnx_test_accuracy"], 1e-3)
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    for key in ("litert_int8_size_mb", "onnx_latency_1_ms", "savedmodel_accuracy_diff_points"):
+        assert parent.data.metrics[f"export_{key}"] == pytest.approx(metrics[key])
+    assert parent.data.metrics["test_accuracy"] == read_json(root / "reports/metrics/evaluate.json")["test_accuracy"]
+
+
+def test_predict_takes_an_exported_file(tiny_run, tmp_path, monkeypatch, capsys):
+    root, _ = tiny_run
+    from xfer.nets.predict import main
+
+    monkeypatch.chdir(root)
+    folder = root / "data/raw/images/stripes"
+    assert main([str(folder), "--out", str(tmp_path / "keras.csv"), "--tta", "flip"]) == 0
+    keras_out = pd.read_csv(tmp_path / "keras.csv")
+    for name in ("model.onnx", "model_float16.tflite", "saved_model"):
+        assert main([str(folder), "--model", f"models/export/{name}", "--out", str(tmp_path / "x.csv")]) == 0
+        out = pd.read_csv(tmp_path / "x.csv")
+        assert list(out["class"]) == list(keras_out["class"]), name
+        assert np.allclose(out["probability"], keras_out["probability"], atol=1e-2), name
+    capsys.readouterr()
+    assert main([str(folder), "--model", "models/export/model.onnx", "--tta", "flip"]) == 2
+    assert "--tta does not apply to the exported file" in capsys.readouterr().err
+
+
+def test_a_rerun_repeats_the_predictions_and_an_accuracy_drop_fails_leaving_the_files(tiny_run):
+    root, _ = tiny_run
+    from stages import export
+    from xfer.core.config import load_params
+
+    first = read_json(root / "reports/export.json")["formats"]
+    export.main(load_params([*TINY, *EXTRA]))  # a rerun: the same LiteRT bytes, the same predictions everywhere
+    again = read_json(root / "reports/export.json")["formats"]
+    assert all(again[f]["predictions_sha256"] == first[f]["predictions_sha256"] for f in FORMATS)
+    assert all(again[f]["sha256"] == first[f]["sha256"] for f in ("litert_float16", "litert_int8"))
+    before = {p.name: digest(p) for p in (root / "models/export").iterdir()}
+    report = (root / "reports/export.json").read_bytes()
+    cfg = load_params([*TINY, *EXTRA, "export.formats=[litert_int8]", "export.max_accuracy_drop=-1"])
+    with pytest.raises(XferError, match=r"^export litert_int8: test accuracy [\d.]+% is -?[\d.]+ points below the "
+                                        r"Keras model's [\d.]+% \(export.max_accuracy_drop -1"):
+        export.main(cfg)
+    assert {p.name: digest(p) for p in (root / "models/export").iterdir()} == before
+    assert (root / "reports/export.json").read_bytes() == report
+    assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]

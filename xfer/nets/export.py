@@ -1,0 +1,291 @@
+"""Export: the trained Keras model as deployable files — a TensorFlow SavedModel, LiteRT (float16, full int8) and
+ONNX — each one graph from raw RGB images to class probabilities, with the TTA and calibration evaluate applies.
+
+The exported graph (every format): input ``image`` float32 (batch, S, S, 3), RGB values in [0, 255] at the model's
+fixed input size S (resized by the caller, bilinear like :func:`xfer.nets.serving.decode`); the backbone's
+``preprocess_input`` is inside. Output ``probabilities`` float32 (batch, classes), rows summing to one (binary
+models too: [p(class 0), p(class 1)]), classes in data/raw/classes.json order. ``tta: [flip]`` averages the
+image's and its mirror's probabilities inside the graph; a temperature in models/calibration.json (``{"temperature":
+T}``) is applied after that (probabilities -> log -> /T -> softmax). The int8 file is fully integer inside, with a
+float32 input and output (the converter's quantize/dequantize ops at both ends), so callers feed the same floats.
+The converters get the model as it predicts: in float32 (whatever precision it was trained in) and without its
+augmentation layers. Running the files and timing them is :mod:`xfer.nets.runtimes`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from xfer import XferError
+from xfer.nets.runtimes import quiet
+
+# format -> file name under models/export/
+FORMATS = {"savedmodel": "saved_model", "litert_float16": "model_float16.tflite",
+           "litert_int8": "model_int8.tflite", "onnx": "model.onnx"}
+TFLITE = ("litert_float16", "litert_int8")
+
+
+def check_formats(formats: Iterable[str]) -> list[str]:
+    """The formats to export, in FORMATS order; an unknown one is refused in one line."""
+    chosen = list(formats or [])
+    for name in chosen:
+        if name not in FORMATS:
+            raise XferError(f"export.formats: '{name}' is not one of {', '.join(FORMATS)}")
+    if not chosen:
+        raise XferError(f"export.formats is empty; list one or more of {', '.join(FORMATS)}")
+    return [f for f in FORMATS if f in chosen]
+
+
+def read_temperature(path: str | Path) -> float | None:
+    """The temperature of a calibration file (``{"temperature": T}``, T > 0), or None when there is no file."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        t = float(json.loads(path.read_text())["temperature"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise XferError(f"{path}: expected {{\"temperature\": T}} with a number T > 0 ({exc})") from None
+    if not np.isfinite(t) or t <= 0:
+        raise XferError(f"{path}: temperature {t} must be a positive number")
+    return t
+
+
+class Mirror(keras.layers.Layer):
+    """Horizontal flip of an NHWC batch (the TTA view)."""
+
+    def call(self, x):
+        return keras.ops.flip(x, axis=2)
+
+
+class ClassProbabilities(keras.layers.Layer):
+    """The model's output as (n, k) class probabilities: a sigmoid's (n, 1) as [1 - p, p]; then, with a
+    ``temperature``, softmax(log(p) / T)."""
+
+    def __init__(self, temperature: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = temperature
+
+    def call(self, p):
+        if p.shape[-1] == 1:
+            p = keras.ops.concatenate([1.0 - p, p], axis=-1)
+        if self.temperature is not None:
+            p = keras.ops.softmax(keras.ops.log(keras.ops.maximum(p, 1e-12)) / self.temperature, axis=-1)
+        return p
+
+
+def _is_augmentation(layer) -> bool:
+    """Keras's random preprocessing layers (finetune's augmentation): identity at inference, but their random
+    ops stay in a traced graph, and LiteRT/ONNX have none of them."""
+    return type(layer).__name__.startswith("Random") and type(layer).__module__.startswith("keras.")
+
+
+def _copy_weights(source: keras.Model, target: keras.Model) -> None:
+    for a, b in zip(source.layers, target.layers, strict=True):
+        if isinstance(a, keras.Model):
+            _copy_weights(a, b)
+        elif b.weights:
+            b.set_weights(a.get_weights())
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """The model as it predicts, for the converters: computing in float32 (LiteRT and ONNX need it; it may have been
+    trained under a mixed bfloat16/float16 policy) and without its augmentation layers, with the same weights."""
+    layers = _all_layers(model)
+    if all(layer.dtype_policy.name == "float32" for layer in layers) and not any(map(_is_augmentation, layers)):
+        return model
+
+    def fix(node):
+        if isinstance(node, dict):
+            if "DTypePolicy" in str(node.get("class_name", "")) and isinstance(node.get("config"), dict):
+                return {**node, "class_name": "DTypePolicy", "config": {**node["config"], "name": "float32"}}
+            if str(node.get("class_name", "")).startswith("Random") and str(node.get("module", "")).startswith(
+                    "keras") and isinstance(node.get("config"), dict):
+                node = {**node, "class_name": "Identity", "module": "keras.layers", "registered_name": None,
+                        "config": {"name": node["config"]["name"], "dtype": node["config"].get("dtype")}}
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return "float32" if node in ("mixed_bfloat16", "mixed_float16", "bfloat16", "float16") else node
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        clone = model.__class__.from_config(fix(model.get_config()))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    _copy_weights(model, clone)
+    return clone
+
+
+def export_graph(model: keras.Model, tta: Iterable[str] = (), temperature: float | None = None,
+                 float32: bool = True) -> keras.Model:
+    """Raw images in [0, 255] -> class probabilities, as the registered pyfunc computes them (see module doc).
+    ``float32=False`` keeps the model's own precision (the Keras reference the exported files are checked against)."""
+    model = float32_model(model) if float32 else model
+    size = int(model.input_shape[1])
+    image = keras.Input((size, size, 3), name="image", dtype="float32")
+    views = [ClassProbabilities(name="plain")(model(image))]
+    if "flip" in list(tta):
+        views.append(ClassProbabilities(name="mirrored")(model(Mirror(name="mirror")(image))))
+    p = keras.layers.Average(name="tta_mean")(views) if len(views) > 1 else views[0]
+    p = ClassProbabilities(temperature, name="probabilities")(p) if temperature is not None else p
+    p = keras.layers.Activation("linear", name="probabilities_out")(p)
+    return keras.Model(image, p, name="exported")
+
+
+def _layer_in(path: str, graph: keras.Model) -> str | None:
+    """The deepest Keras layer named in a TensorFlow op path (``exported_1/functional_1/odd_1/Op``)."""
+    names = {layer.name for layer in _all_layers(graph) if not isinstance(layer, keras.Model)}
+    for part in reversed(path.split("/")):
+        for candidate in (part, re.sub(r"_\d+$", "", part)):
+            if candidate in names:
+                return candidate
+    return None
+
+
+def _converter_failure(fmt: str, exc: BaseException, graph: keras.Model) -> XferError:
+    """A converter's traceback as one line naming the format and the layer (and op) it could not handle."""
+    text = " ".join(str(exc).split())
+    op = re.search(r"'tfl?\.(\w+)' op is neither|legalize operation '?tfl?\.(\w+)|Custom ops: (\w+)", text)
+    op_name = next((g for g in op.groups() if g), None) if op else None
+    layer = None
+    if op_name:
+        where = re.search(rf'"{re.escape(op_name)}:", "([^"@]+)', text)
+        layer = _layer_in(where.group(1), graph) if where else None
+    what = f"layer '{layer}'" if layer else "the model"
+    first = text.split(" Details:")[0]
+    return XferError(f"export {fmt}: the converter cannot handle {what}" + (f" (op {op_name})" if op_name else "")
+                     + ("" if op_name else f": {first[:200]}") + "; choose other export.formats or change the layer")
+
+
+def check_onnx(path: Path, graph: keras.Model) -> None:
+    """tf2onnx leaves an op it cannot convert in the graph under its TensorFlow name: refuse the file, naming it."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        if not onnx.defs.has(node.op_type, node.domain or ""):
+            layer = _layer_in(node.name, graph)
+            raise XferError(f"export onnx: the converter cannot handle "
+                            f"{f'layer {layer!r}' if layer else 'the model'} (op {node.op_type}); choose other "
+                            "export.formats or change the layer")
+
+
+def _all_layers(model: keras.Model) -> list:
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if isinstance(layer, keras.Model):
+            out += _all_layers(layer)
+    return out
+
+
+def _tflite(saved_model: Path, target: Path, fmt: str, representative: Callable[[], Iterable] | None) -> None:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if fmt == "litert_float16":
+        converter.target_spec.supported_types = [tf.float16]
+    else:
+        converter.representative_dataset = representative
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    target.write_bytes(converter.convert())
+
+
+def representative_set(paths: list[str], size: int, n: int, seed: int):
+    """The int8 calibration set: ``n`` training images drawn with ``seed``, as a converter's generator."""
+    from xfer.data.images import image_dataset
+
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(paths), size=min(n, len(paths)), replace=False).tolist())
+    picked = [paths[i] for i in chosen]
+
+    def gen():
+        for x, _ in image_dataset(picked, np.zeros(len(picked), int), size, 1):
+            yield [x.numpy().astype(np.float32)]
+
+    return gen
+
+
+def export_files(graph: keras.Model, formats: list[str], folder: Path,
+                 representative: Callable[[], Iterable] | None = None) -> dict[str, Path]:
+    """Write each format's file into ``folder`` (FORMATS names); ``representative`` yields ``[batch]`` lists of
+    float32 images for the int8 calibration. A conversion failure is one XferError naming format and layer."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = folder / FORMATS["savedmodel"] if "savedmodel" in formats else Path(tmp) / "saved_model"
+        try:
+            with quiet():
+                graph.export(str(saved), format="tf_saved_model", verbose=False)
+        except Exception as exc:  # noqa: BLE001 - any converter failure becomes one line
+            raise _converter_failure("savedmodel", exc, graph) from None
+        if "savedmodel" in formats:
+            out["savedmodel"] = saved
+        for fmt in formats:
+            if fmt == "savedmodel":
+                continue
+            target = folder / FORMATS[fmt]
+            if fmt == "litert_int8" and representative is None:
+                raise XferError("export litert_int8: no representative images for the int8 calibration")
+            try:
+                with quiet():
+                    if fmt in TFLITE:
+                        _tflite(saved, target, fmt, representative)
+                    else:
+                        graph.export(str(target), format="onnx", verbose=False)
+                if fmt == "onnx":
+                    check_onnx(target, graph)
+            except XferError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise _converter_failure(fmt, exc, graph) from None
+            out[fmt] = target
+    return out
+
+
+def size_bytes(path: Path) -> int:
+    """A file's size, or a folder's (every file in it)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, sorted)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def agreement(y: np.ndarray, reference: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """One exported file's test predictions against the Keras model's: accuracy, its difference in points, the
+    largest absolute probability difference, the share of images given the same class."""
+    acc, ref = float(np.mean(probs.argmax(1) == y)), float(np.mean(reference.argmax(1) == y))
+    return {"test_accuracy": acc, "accuracy_diff_points": 100 * (acc - ref),
+            "max_probability_diff": float(np.abs(probs - reference).max()) if len(y) else 0.0,
+            "class_agreement": float(np.mean(probs.argmax(1) == reference.argmax(1))) if len(y) else 1.0}
+
+
+def check_drop(fmt: str, accuracy: float, reference: float, max_drop_points: float) -> None:
+    """Refuse a format whose test accuracy is more than ``max_drop_points`` below the Keras model's."""
+    drop = 100 * (reference - accuracy)
+    if drop > max_drop_points + 1e-9:
+        raise XferError(f"export {fmt}: test accuracy {100 * accuracy:.2f}% is {drop:.2f} points below the Keras "
+                        f"model's {100 * reference:.2f}% (export.max_accuracy_drop {max_drop_points}); nothing "
+                        "was written")
