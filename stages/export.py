@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
@@ -20,9 +21,10 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_dir, read_json, write_json
-from xfer.core.retry import retry_locked
 from xfer.data.paths import CLASSES, FINAL_MODEL, METRICS, MODELS, REPORTS, RUNS, image_paths, read_manifest
+from xfer.track.recorder import log_artifact, log_dict, log_metrics
 from xfer.track.runs import log_inputs, stage_run
+from xfer.track.store import answers, tracking_uri
 
 EXPORT = MODELS / "export"
 CALIBRATION = MODELS / "calibration.json"
@@ -33,8 +35,6 @@ COMPARED = ("test_accuracy", "accuracy_diff_points", "max_probability_diff", "cl
 
 
 def main(cfg: DictConfig) -> None:
-    import mlflow
-
     from xfer.data.images import image_dataset
     from xfer.nets.export import (
         FORMATS,
@@ -127,11 +127,15 @@ def main(cfg: DictConfig) -> None:
         flat = {f"keras_{k}": round(float(v), 6) for k, v in keras.items()}
         flat.update({f"{fmt}_{k}": round(float(r[k]), 6) for fmt, r in results.items() for k in COMPARED})
         write_json(METRICS / "export.json", flat)
-        retry_locked(mlflow.log_metrics, flat)
-        retry_locked(mlflow.log_dict, report, "export.json")
-        retry_locked(mlflow.log_artifacts, str(EXPORT), "export")
-        version = tag_model_version(read_json(RUNS / "evaluate.json")["run_id"] if (RUNS / "evaluate.json").is_file()
-                                    else None, run.info.run_id, flat, results)
+        log_metrics(flat)
+        log_dict(report, "export.json")
+        for path in sorted(p for p in EXPORT.rglob("*") if p.is_file()):  # through the non-blocking recorder
+            log_artifact(path, str(Path("export") / path.parent.relative_to(EXPORT)))
+        if answers(tracking_uri()):
+            version = tag_model_version(read_json(RUNS / "evaluate.json")["run_id"]
+                                        if (RUNS / "evaluate.json").is_file() else None, run.info.run_id, flat, results)
+        else:  # the run's records wait in the spool; the files are kept
+            version = "model version not tagged: the tracking server did not answer (`dvc repro -f export` later)"
     shown = {fmt: {"acc_diff": round(r["accuracy_diff_points"], 2), "MB": round(r["size_mb"], 2),
                    "ms": round(r["latency_1_ms"], 2)} for fmt, r in results.items()}
     print(f"export: {json.dumps(shown)}; keras {keras['latency_1_ms']:.1f} ms/image; {version}")
