@@ -1,4 +1,5 @@
-"""Keras models: the dense head, optimizers, augmentation, training callbacks, byte-reproducible saving."""
+"""Keras models: the dense head and its fit (train_head's, also run by xfer search), optimizers, augmentation,
+training callbacks, byte-reproducible saving."""
 
 from __future__ import annotations
 
@@ -149,3 +150,20 @@ def class_weights(labels, setting: str | None, n_classes: int) -> dict[int, floa
 
     weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=np.asarray(labels))
     return {i: float(w) for i, w in enumerate(weights)}
+
+
+def fit_head(x_train, y_train, x_val, y_val, hcfg: DictConfig, n_classes: int, checkpoint: Path,
+             extra: list | None = None, jit: bool = False, before_compile=None):
+    """Build, compile and fit the head on features exactly as the train_head stage does (the section's optimizer,
+    loss, callbacks, class weights, ``epochs``, shuffled batches); return the model with the weights of its lowest
+    ``val_loss`` epoch and the Keras history. ``checkpoint``: a ``.weights.h5`` path for the best weights."""
+    model = build_head(tuple(x_train.shape[1:]), n_classes, hcfg)
+    if before_compile is not None:
+        before_compile()  # e.g. check_loss_scaling: after building, before compiling
+    compile_model(model, hcfg, n_classes, steps_per_epoch=-(-len(x_train) // int(hcfg.batch_size)), jit=jit)
+    history = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=int(hcfg.epochs),
+                        batch_size=int(hcfg.batch_size), callbacks=training_callbacks(checkpoint, hcfg, extra),
+                        shuffle=True, verbose=0, class_weight=class_weights(y_train, hcfg.class_weight, n_classes))
+    if Path(checkpoint).exists():  # the best epoch, whether or not early stopping fired (else: no finite val_loss)
+        model.load_weights(str(checkpoint))
+    return model, history
