@@ -40,6 +40,7 @@ def prepare(args) -> tuple[Path, dict]:
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(work / 'mlruns' / 'mlflow.db').resolve()}"
     (work / "mlruns").mkdir(exist_ok=True)
     proj = work / "proj"
+    env["PYTHONPATH"] = str(proj.resolve())  # the copy's code, whatever happens to the worktree meanwhile
     if proj.exists():
         shutil.rmtree(proj)
     proj.mkdir(parents=True)
@@ -95,6 +96,7 @@ def main() -> None:
         proj = args.work / "proj"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "XFER_"))}
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(args.work / 'mlruns' / 'mlflow.db').resolve()}"
+        env["PYTHONPATH"] = str(proj.resolve())
     else:
         proj, env = prepare(args)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
