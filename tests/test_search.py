@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +155,12 @@ def test_the_winner_is_written_as_a_preset_that_composes_back(project):
     expected["head"].update(units=64, dropout=0.125)
     assert OmegaConf.to_container(composed, resolve=True) == expected
     assert "vgg16" not in text and "seed" not in text  # only what differs from conf/'s defaults
+    assert "  - override /backbone: mobilenet\n" in text
+    other = load_params(["data=synthetic", "data.per_class=5", "head=flatten", "head.units=32"])
+    write_preset("other", other, {"head.dropout": 0.25}, "x")  # sections whose keys differ: group overrides
+    expected = OmegaConf.to_container(other, resolve=True)
+    expected["head"]["dropout"] = 0.25
+    assert OmegaConf.to_container(compose_conf(["experiment=search-other"]), resolve=True) == expected
 
 
 def test_calibration_lowers_ece_of_an_over_smoothed_head_and_keeps_the_classes(tmp_path, cfg):
@@ -200,7 +208,7 @@ def test_two_workers_share_one_study_tracked_in_mlflow(tmp_path):
         for f in (root / "data/features/vgg16").glob("test_*"):
             f.unlink()  # the search never reads the test split
         env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns/mlflow.db"}
-        (root / "mlruns").mkdir()
+        (root / "mlruns").mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "xfer", "search", "tiny", *TINY, "--trials", "2", "--study", "shared",
                "--name", "tiny"]
         procs = [subprocess.Popen([*cmd, "--worker", str(w)], cwd=root, env=env, stdout=subprocess.PIPE,
@@ -209,7 +217,8 @@ def test_two_workers_share_one_study_tracked_in_mlflow(tmp_path):
         for p, (out, err) in zip(procs, outs, strict=True):
             assert p.returncode == 0, err[-3000:]
             assert "search: best cv_accuracy" in out and "dvc exp run -S experiment=search-tiny" in out
-        study = optuna.load_study(study_name="shared", storage=f"sqlite:///{root}/mlruns/optuna.db")
+        storage = f"sqlite:///{root}/mlruns/optuna.db"
+        study = optuna.load_study(study_name="shared", storage=storage)
         assert len(study.trials) == 4 and "baseline_fold_scores" in study.user_attrs
         client = mlflow.MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
         exp = client.get_experiment_by_name("synthetic").experiment_id
@@ -223,6 +232,17 @@ def test_two_workers_share_one_study_tracked_in_mlflow(tmp_path):
         preset = compose_conf(["experiment=search-tiny"], root)
         assert preset.head.units == study.best_params["head.units"] and preset.data.name == "synthetic"
         assert preset.head.epochs == 3  # what the trials ran: max_epochs of the space
+        # Ctrl-C: the running trial is dropped, the best so far kept and written again
+        worker = subprocess.Popen([*cmd, "--trials", "100", "--worker", "3"], cwd=root, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(optuna.load_study(study_name="shared", storage=storage).trials) < 6:
+            time.sleep(0.5)
+        worker.send_signal(signal.SIGINT)
+        out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 130 and "interrupted; keeping the best trial so far" in err, err[-3000:]
+        assert "search: best cv_accuracy" in out and (root / "conf/experiment/search-tiny.yaml").is_file()
+        assert json.loads((root / "reports/search/shared.json").read_text())["interrupted"] is True
         (root / "conf/search/bad.yaml").write_text("space:\n  backbone.image_size: {choices: [64, 128]}\n")
         bad = subprocess.run([sys.executable, "-m", "xfer", "search", "bad", *TINY], cwd=root, env=env,
                              capture_output=True, text=True)

@@ -285,9 +285,40 @@ def _diff(current: Any, default: Any, prefix: str = "") -> dict[str, Any]:
     return {} if current == default else {prefix.rstrip("."): current}
 
 
+def _group_options(current: dict, root: Path) -> dict[str, str]:
+    """For each section group (data, backbone, ...), the option in conf/ nearest to the current section: the same
+    keys, then the fewest differing values (only where it is not the default's)."""
+    from xfer.core.config import SECTION_GROUPS, choices
+
+    default = OmegaConf.to_container(compose_conf([], root), resolve=True)
+    picked = {}
+    for group in SECTION_GROUPS:
+        if group not in current or _same_keys(current[group], default.get(group)) and not _diff(
+                current[group], default[group]):
+            continue
+        best = None
+        for option in choices(group, root):
+            section = OmegaConf.to_container(compose_conf([f"{group}={option}"], root), resolve=True)[group]
+            if not _same_keys(current[group], section):
+                continue
+            score = len(_diff(current[group], section))
+            if best is None or score < best[0]:
+                best = (score, option)
+        if best is not None:
+            picked[group] = best[1]
+    return picked
+
+
+def _same_keys(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_keys(a[k], b[k]) for k in a)
+    return not isinstance(a, dict) and not isinstance(b, dict)
+
+
 def write_preset(name: str, cfg: DictConfig, values: dict[str, Any], header: str, root: Path | None = None) -> Path:
-    """``conf/experiment/search-<name>.yaml``: every params.yaml key that differs from conf/'s defaults (the data,
-    backbone, preset the search ran on) plus the winner's ``values``, checked to compose back to exactly that."""
+    """``conf/experiment/search-<name>.yaml``: the config group options the search ran on (``override /data:
+    archive``, ...) and every params.yaml key that differs from what they compose to (the data, backbone and
+    preset) plus the winner's ``values``; checked to compose back to exactly those params, else not kept."""
     from xfer.core.files import atomic_write_text
 
     root = root or project_root()
@@ -296,8 +327,11 @@ def write_preset(name: str, cfg: DictConfig, values: dict[str, Any], header: str
     for key, value in values.items():
         OmegaConf.update(wanted, key, value, merge=False)
     wanted_c = OmegaConf.to_container(wanted, resolve=True)
-    flat = _diff(wanted_c, OmegaConf.to_container(compose_conf([], root), resolve=True))
-    body = OmegaConf.to_yaml(OmegaConf.create(_nested(flat))) if flat else ""
+    groups = _group_options(wanted_c, root)
+    base = compose_conf([f"{g}={o}" for g, o in groups.items()], root)
+    flat = _diff(wanted_c, OmegaConf.to_container(base, resolve=True))
+    body = "".join(["defaults:\n", *(f"  - override /{g}: {o}\n" for g, o in groups.items())]) if groups else ""
+    body += OmegaConf.to_yaml(OmegaConf.create(_nested(flat))) if flat else ""
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
     atomic_write_text(target, f"# @package _global_\n{comment}{body}")
     try:
@@ -307,6 +341,6 @@ def write_preset(name: str, cfg: DictConfig, values: dict[str, Any], header: str
         raise
     if composed != wanted_c:
         target.unlink()
-        raise XferError(f"{target}: would not compose back to the searched params (keys removed from conf/?); "
-                        "nothing written")
+        raise XferError(f"{target}: would not compose back to the searched params (a section with keys no option "
+                        "in conf/ has?); nothing written")
     return target

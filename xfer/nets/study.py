@@ -232,7 +232,8 @@ def run(args) -> int:
     for key, value in {**metrics, "worker_seconds": seconds}.items():
         client.log_metric(parent, key, float(value))
     result["figures"] = log_study_figures(client, parent, study)
-    client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")
+    client.set_tag(parent, "interrupted", str(interrupted).lower())  # the study's best so far is kept either way
+    client.set_terminated(parent, "FINISHED")
     write_json(SEARCH_REPORTS / f"{name}.json", result)
     if "best_params" in result:
         print(f"search: best cv_accuracy {result['best_cv_accuracy']:.4f} (trial {result['best_trial']}), "
