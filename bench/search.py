@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--space", default="default")
+    ap.add_argument("--timeout", type=float, default=None, help="the search's --timeout (seconds)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/xfer-bench-search"))
     ap.add_argument("--reuse", action="store_true", help="keep --work's prepared project (features cached)")
     ap.add_argument("overrides", nargs="*", help="params overrides for the project, e.g. data=archive")
@@ -101,8 +102,8 @@ def main() -> None:
         proj, env = prepare(args)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    out, _ = sh([sys.executable, "-m", "xfer", "search", args.space, "--trials", str(args.trials), "--name", "bench"],
-                proj, env)
+    budget = ["--trials", str(args.trials), *(["--timeout", str(args.timeout)] if args.timeout else [])]
+    out, _ = sh([sys.executable, "-m", "xfer", "search", args.space, *budget, "--name", "bench"], proj, env)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
@@ -112,7 +113,8 @@ def main() -> None:
     searched = scores(proj, env, args.seeds, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
                                               for k, v in report["preset_values"].items()])
     print(f"\n{args.archive}, split {'/'.join(args.split)}, {args.preset}; seeds {args.seeds}; CPU: {cpu()}")
-    print(f"search: {args.trials} trials ({report['trials_complete']} complete, {report['trials_pruned']} pruned) in "
+    trials = report["trials_complete"] + report["trials_pruned"]
+    print(f"search: {trials} trials ({report['trials_complete']} complete, {report['trials_pruned']} pruned) in "
           f"{wall:.0f} s wall, {cpu_s:.0f} s CPU (process and children); CV gain {report['gain'] * 100:+.2f} ± "
           f"{report['gain_std'] * 100:.2f} points over {report['folds']} folds; winner {report['preset_values']}")
     print("| model | test accuracy % | ECE (calibrated) | ECE before calibration | temperature |")

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from tests.conftest import TINY, tiny_project
 from xfer import XferError
 from xfer.core.config import compose_conf, load_params
-from xfer.nets.search import Space, cv_data, cv_scores, fold_rows, folds_of, load_space, parse_space, write_preset
+from xfer.core.presets import write_preset
+from xfer.nets.search import Space, cv_data, cv_scores, fold_rows, folds_of, load_space, parse_space
 
 
 def blobs(n_per_class: int, dim: int = 6, seed: int = 0, n_classes: int = 2, sep: float = 3.0):
@@ -145,7 +146,7 @@ def test_hopeless_trials_are_pruned_and_the_winner_is_the_cv_best(cfg):
 
 def test_the_winner_is_written_as_a_preset_that_composes_back(project):
     cfg = load_params(["backbone=mobilenet", "backbone.image_size=160", "finetune.enabled=false"])
-    path = write_preset("unit", cfg, {"head.units": 64, "head.dropout": 0.125}, "line one\nline two")
+    path = write_preset("search-unit", cfg, {"head.units": 64, "head.dropout": 0.125}, "line one\nline two")
     text = path.read_text()
     assert path == project / "conf/experiment/search-unit.yaml" and text.startswith("# @package _global_\n# line one")
     composed = compose_conf(["experiment=search-unit"])
@@ -157,7 +158,7 @@ def test_the_winner_is_written_as_a_preset_that_composes_back(project):
     assert "vgg16" not in text and "seed" not in text  # only what differs from conf/'s defaults
     assert "  - override /backbone: mobilenet\n" in text
     other = load_params(["data=synthetic", "data.per_class=5", "head=flatten", "head.units=32"])
-    write_preset("other", other, {"head.dropout": 0.25}, "x")  # sections whose keys differ: group overrides
+    write_preset("search-other", other, {"head.dropout": 0.25}, "x")  # sections whose keys differ: group overrides
     expected = OmegaConf.to_container(other, resolve=True)
     expected["head"]["dropout"] = 0.25
     assert OmegaConf.to_container(compose_conf(["experiment=search-other"]), resolve=True) == expected

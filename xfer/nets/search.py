@@ -1,6 +1,6 @@
-"""Hyperparameter search on the cached features: the space (``conf/search/<name>.yaml``), the k-fold
-cross-validated objective that runs train_head's own fit (xfer.nets.models.fit_head), the Optuna study (pruning,
-shared RDB storage) and the winner written as an experiment preset.
+"""Hyperparameter search on the cached features: the space (``conf/search/<name>.yaml``) and the k-fold
+cross-validated objective that runs train_head's own fit (xfer.nets.models.fit_head); xfer.nets.study runs the
+Optuna study, xfer.core.presets writes the winner as an experiment preset.
 
 The folds cover the training and validation images together (the head's augmented training views, when a trial
 uses some, join the training folds of their images only); the test split is never read. The head's pooling is done
@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from xfer import XferError
-from xfer.core.config import CONF_DIR, compose_conf, project_root
+from xfer.core.config import CONF_DIR, project_root
 
 SEARCHABLE = ("head.",)  # sections a trial can change on the current cache
 CACHED_VIEWS_KEY = "featurize.train_views"
@@ -244,7 +244,7 @@ def cv_scores(data: CVData, hcfg: DictConfig, folds: list, seed: int, n_views: i
     return scores
 
 
-# --- naming, storage, the preset ---------------------------------------------------------------------------------
+# --- naming, storage ---------------------------------------------------------------------------------
 
 def cache_key(cfg: DictConfig) -> str:
     """6 hex digits naming the feature cache a study runs on (data, split, backbone, featurize, seed)."""
@@ -263,84 +263,3 @@ def default_storage(tracking: str) -> str:
         return f"sqlite:///{Path(tracking.removeprefix('sqlite:///')).with_name('optuna.db')}"
     raise XferError(f"MLFLOW_TRACKING_URI={tracking} is a server: give the study a shared database, e.g. --storage "
                     "postgresql://USER:PASSWORD@HOST:5432/optuna (or set XFER_SEARCH_STORAGE)")
-
-
-def _nested(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _diff(current: Any, default: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(current, dict) and isinstance(default, dict):
-        out = {}
-        for key, value in current.items():
-            out.update(_diff(value, default.get(key, "\0absent"), f"{prefix}{key}."))
-        return out
-    return {} if current == default else {prefix.rstrip("."): current}
-
-
-def _group_options(current: dict, root: Path) -> dict[str, str]:
-    """For each section group (data, backbone, ...), the option in conf/ nearest to the current section: the same
-    keys, then the fewest differing values (only where it is not the default's)."""
-    from xfer.core.config import SECTION_GROUPS, choices
-
-    default = OmegaConf.to_container(compose_conf([], root), resolve=True)
-    picked = {}
-    for group in SECTION_GROUPS:
-        if group not in current or _same_keys(current[group], default.get(group)) and not _diff(
-                current[group], default[group]):
-            continue
-        best = None
-        for option in choices(group, root):
-            section = OmegaConf.to_container(compose_conf([f"{group}={option}"], root), resolve=True)[group]
-            if not _same_keys(current[group], section):
-                continue
-            score = len(_diff(current[group], section))
-            if best is None or score < best[0]:
-                best = (score, option)
-        if best is not None:
-            picked[group] = best[1]
-    return picked
-
-
-def _same_keys(a: Any, b: Any) -> bool:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_keys(a[k], b[k]) for k in a)
-    return not isinstance(a, dict) and not isinstance(b, dict)
-
-
-def write_preset(name: str, cfg: DictConfig, values: dict[str, Any], header: str, root: Path | None = None) -> Path:
-    """``conf/experiment/search-<name>.yaml``: the config group options the search ran on (``override /data:
-    archive``, ...) and every params.yaml key that differs from what they compose to (the data, backbone and
-    preset) plus the winner's ``values``; checked to compose back to exactly those params, else not kept."""
-    from xfer.core.files import atomic_write_text
-
-    root = root or project_root()
-    target = root / CONF_DIR / "experiment" / f"search-{name}.yaml"
-    wanted = trial_config(cfg, Space("", {}), {})
-    for key, value in values.items():
-        OmegaConf.update(wanted, key, value, merge=False)
-    wanted_c = OmegaConf.to_container(wanted, resolve=True)
-    groups = _group_options(wanted_c, root)
-    base = compose_conf([f"{g}={o}" for g, o in groups.items()], root)
-    flat = _diff(wanted_c, OmegaConf.to_container(base, resolve=True))
-    body = "".join(["defaults:\n", *(f"  - override /{g}: {o}\n" for g, o in groups.items())]) if groups else ""
-    body += OmegaConf.to_yaml(OmegaConf.create(_nested(flat))) if flat else ""
-    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
-    atomic_write_text(target, f"# @package _global_\n{comment}{body}")
-    try:
-        composed = OmegaConf.to_container(compose_conf([f"experiment=search-{name}"], root), resolve=True)
-    except XferError:
-        target.unlink()
-        raise
-    if composed != wanted_c:
-        target.unlink()
-        raise XferError(f"{target}: would not compose back to the searched params (a section with keys no option "
-                        "in conf/ has?); nothing written")
-    return target

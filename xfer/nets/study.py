@@ -25,6 +25,7 @@ import numpy as np
 from xfer import XferError
 from xfer.core.args import Parser
 from xfer.core.files import write_json
+from xfer.core.presets import write_preset
 from xfer.data.paths import CLASSES, REPORTS, load_features, load_training_features
 from xfer.nets.search import (
     CACHED_VIEWS_KEY,
@@ -37,7 +38,6 @@ from xfer.nets.search import (
     preset_values,
     study_name,
     trial_config,
-    write_preset,
 )
 
 SEARCH_REPORTS = REPORTS / "search"
@@ -224,7 +224,7 @@ def run(args) -> int:
                   f"vs {result['baseline_cv_accuracy']:.4f} for the params it started from: gain "
                   f"{result['gain']:+.4f} ± {result['gain_std']:.4f} (std over folds).\n"
                   f"Reproduce through the pipeline: dvc exp run -S experiment=search-{preset}")
-        path = write_preset(preset, cfg, values, header)
+        path = write_preset(f"search-{preset}", cfg, values, header)
         result.update(preset=str(path.relative_to(path.parents[2])), preset_values=values)
         client.log_artifact(parent, str(path))
     metrics = {k: result[k] for k in ("best_cv_accuracy", "best_cv_accuracy_std", "baseline_cv_accuracy", "gain",

@@ -1,5 +1,5 @@
 """Figures the stages log to MLflow and save for DVC: training curves, ROC curve, confusion matrix, and grids of
-test images beside their Grad-CAM heatmaps."""
+test images beside their Grad-CAM heatmaps; and xfer search's Optuna figures (history, parameter importances)."""
 
 from __future__ import annotations
 
