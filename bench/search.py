@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/xfer-bench-search"))
     ap.add_argument("--reuse", action="store_true", help="keep --work's prepared project (features cached)")
     ap.add_argument("overrides", nargs="*", help="params overrides for the project, e.g. data=archive")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     if args.reuse and (args.work / "proj/data/features").is_dir():
         import os
 
