@@ -142,6 +142,9 @@ def test_hopeless_trials_are_pruned_and_the_winner_is_the_cv_best(cfg):
     out = summary(study, base, space)
     assert out["trials_pruned"] == 1 and out["best_params"] == {"head.learning_rate": 3e-2}
     assert out["gain"] > 0.2 and out["gain_std"] >= 0 and np.isclose(out["baseline_cv_accuracy"], np.mean(base))
+    assert out["adopted"] is True
+    noise = np.asarray(study.best_trial.user_attrs["fold_scores"]) + np.array([0.02, -0.03, 0.0])
+    assert summary(study, list(noise), space)["adopted"] is False  # a gain within the noise keeps the baseline
 
 
 def test_the_winner_is_written_as_a_preset_that_composes_back(project):
@@ -202,7 +205,7 @@ def test_two_workers_share_one_study_tracked_in_mlflow(tmp_path):
     import mlflow
     import optuna
 
-    space = ("folds: 3\nmax_epochs: 3\nstartup_trials: 2\nspace:\n  head.units: {choices: [8, 16]}\n"
+    space = ("folds: 3\nmax_epochs: 2\nstartup_trials: 2\nspace:\n  head.units: {choices: [8, 16]}\n"
              "  head.learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
     with tiny_project(tmp_path / "proj", ["download", "split", "featurize", "views"], "search-test") as (root, _):
         (root / "conf/search/tiny.yaml").write_text(space)
@@ -231,8 +234,10 @@ def test_two_workers_share_one_study_tracked_in_mlflow(tmp_path):
         artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert {"optimization_history.png", "search-tiny.yaml"} <= artifacts, artifacts
         preset = compose_conf(["experiment=search-tiny"], root)
-        assert preset.head.units == study.best_params["head.units"] and preset.data.name == "synthetic"
-        assert preset.head.epochs == 3  # what the trials ran: max_epochs of the space
+        report = json.loads((root / "reports/search/shared.json").read_text())
+        expected = study.best_params["head.units"] if report["adopted"] else load_params(TINY, root).head.units
+        assert preset.head.units == expected and preset.data.name == "synthetic"
+        assert preset.head.epochs == (2 if report["adopted"] else 3)  # the trials' max_epochs, or TINY's
         # Ctrl-C: the running trial is dropped, the best so far kept and written again
         worker = subprocess.Popen([*cmd, "--trials", "100", "--worker", "3"], cwd=root, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -25,7 +25,7 @@ SEARCHABLE = ("head.",)  # sections a trial can change on the current cache
 CACHED_VIEWS_KEY = "featurize.train_views"
 NEEDS_FEATURES = ("backbone.", "featurize.", "data.", "split.")
 STEPS_PER_EXECUTION = 64  # a fold's batches run 64 per compiled call: the same updates, far less Python per batch
-OPTIONS = ("folds", "trials", "max_epochs", "patience", "startup_trials", "space")
+OPTIONS = ("folds", "trials", "max_epochs", "patience", "startup_trials", "significance", "space")
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Space:
     max_epochs: int | None = None
     patience: int | None = None
     startup_trials: int = 5
+    significance: float = 2.0
     source: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -116,7 +117,7 @@ def parse_space(raw: dict, cfg: DictConfig, name: str = "space", where: str = "s
         raise XferError(f"{where}: folds: {folds}; cross-validation needs at least 2")
     opt = {k: (None if raw.get(k) is None else int(raw[k])) for k in ("max_epochs", "patience")}
     return Space(name, params, folds, int(raw.get("trials", 30)), opt["max_epochs"], opt["patience"],
-                 int(raw.get("startup_trials", 5)), where)
+                 int(raw.get("startup_trials", 5)), float(raw.get("significance", 2.0)), where)
 
 
 def load_space(name: str, cfg: DictConfig, cached_views: int = 0, root: Path | None = None) -> Space:

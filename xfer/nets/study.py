@@ -147,9 +147,13 @@ def summary(study, base: list[float], space) -> dict[str, Any] | None:
         return out
     best = study.best_trial
     gain = np.asarray(best.user_attrs["fold_scores"]) - np.asarray(base)
+    std = float(gain.std(ddof=1)) if len(gain) > 1 else 0.0
     out.update(best_trial=best.number, best_params=best.params, best_cv_accuracy=float(best.value),
-               best_cv_accuracy_std=float(np.std(best.user_attrs["fold_scores"])),
-               gain=float(gain.mean()), gain_std=float(gain.std(ddof=1)) if len(gain) > 1 else 0.0)
+               best_cv_accuracy_std=float(np.std(best.user_attrs["fold_scores"])), gain=float(gain.mean()),
+               gain_std=std, gain_stderr=std / np.sqrt(len(gain)))
+    # The best of many noisy trials flatters itself (the winner's curse): it replaces the params it started from
+    # only when its paired per-fold gain exceeds `significance` standard errors.
+    out["adopted"] = bool(out["gain"] > space.significance * out["gain_stderr"] and out["gain"] > 0)
     return out
 
 
@@ -218,17 +222,22 @@ def run(args) -> int:
                   interrupted=interrupted)
     if "best_params" in result:
         preset = args.name or name
-        values = preset_values(cfg, space, result["best_params"])
-        header = (f"Written by `xfer search {space.name}` (study {name}): trial {result['best_trial']}, "
+        values = preset_values(cfg, space, result["best_params"]) if result["adopted"] else {}
+        verdict = ("adopted" if result["adopted"] else
+                   f"not adopted: the gain is within {space.significance:g} standard errors, so this preset keeps "
+                   "the params the search started from")
+        header = (f"Written by `xfer search {space.name}` (study {name}): best trial {result['best_trial']}, "
                   f"CV accuracy {result['best_cv_accuracy']:.4f} ({space.folds} folds of train+val)\n"
                   f"vs {result['baseline_cv_accuracy']:.4f} for the params it started from: gain "
-                  f"{result['gain']:+.4f} ± {result['gain_std']:.4f} (std over folds).\n"
+                  f"{result['gain']:+.4f} ± {result['gain_std']:.4f} (std over folds), {verdict}.\n"
+                  f"Best trial: {result['best_params']}\n"
                   f"Reproduce through the pipeline: dvc exp run -S experiment=search-{preset}")
         path = write_preset(f"search-{preset}", cfg, values, header)
         result.update(preset=str(path.relative_to(path.parents[2])), preset_values=values)
         client.log_artifact(parent, str(path))
-    metrics = {k: result[k] for k in ("best_cv_accuracy", "best_cv_accuracy_std", "baseline_cv_accuracy", "gain",
-                                      "gain_std", "trials_complete", "trials_pruned") if k in result}
+    metrics = {k: float(result[k]) for k in ("best_cv_accuracy", "best_cv_accuracy_std", "baseline_cv_accuracy",
+                                             "gain", "gain_std", "adopted", "trials_complete", "trials_pruned")
+               if k in result}
     for key, value in {**metrics, "worker_seconds": seconds}.items():
         client.log_metric(parent, key, float(value))
     result["figures"] = log_study_figures(client, parent, study)
@@ -236,10 +245,11 @@ def run(args) -> int:
     client.set_terminated(parent, "FINISHED")
     write_json(SEARCH_REPORTS / f"{name}.json", result)
     if "best_params" in result:
+        kept = "the winner" if result["adopted"] else "params.yaml's settings (gain within the noise)"
         print(f"search: best cv_accuracy {result['best_cv_accuracy']:.4f} (trial {result['best_trial']}), "
               f"{result['gain']:+.4f} ± {result['gain_std']:.4f} over params.yaml's; {result['trials_complete']} "
-              f"complete, {result['trials_pruned']} pruned, {seconds:.0f} s -> {result['preset']}; reproduce: "
-              f"dvc exp run -S experiment=search-{preset}")
+              f"complete, {result['trials_pruned']} pruned, {seconds:.0f} s -> {result['preset']} ({kept}); "
+              f"reproduce: dvc exp run -S experiment=search-{preset}")
     else:
         print("search: no complete trial yet; nothing written")
     return 130 if interrupted else 0
