@@ -144,13 +144,9 @@ def trial_config(cfg: DictConfig, space: Space, point: dict[str, Any]) -> DictCo
 
 
 def preset_values(cfg: DictConfig, space: Space, point: dict[str, Any]) -> dict[str, Any]:
-    """The params.yaml keys a trial set: the point, plus the capped epochs/patience."""
-    c = trial_config(cfg, space, point)
-    values = dict(point)
-    for key in ("head.epochs", "head.patience"):
-        if OmegaConf.select(c, key) != OmegaConf.select(cfg, key):
-            values[key] = OmegaConf.select(c, key)
-    return values
+    """The params.yaml keys the winner's preset sets: the point only. The trials' epochs/patience caps made the
+    comparison with the starting params cheaper for both alike; the final model trains with params.yaml's own."""
+    return dict(point)
 
 
 # --- the data the folds are cut from ---------------------------------------------------------------------------
