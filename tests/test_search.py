@@ -78,6 +78,16 @@ def test_space_parsing_keys_ranges_and_one_line_errors(cfg):
         parse_space({"trails": 3, "space": {"head.units": {"choices": [8]}}}, cfg)
 
 
+def test_storage_urls_are_shown_without_their_password():
+    from xfer.nets.search import default_storage
+    from xfer.nets.study import redacted
+
+    assert redacted("postgresql://xfer:s3cret@db:5432/optuna") == "postgresql://xfer:***@db:5432/optuna"
+    assert default_storage("sqlite:////r/mlruns/mlflow.db") == "sqlite:////r/mlruns/optuna.db"
+    with pytest.raises(XferError, match="--storage postgresql://"):
+        default_storage("http://127.0.0.1:5000")
+
+
 def test_the_shipped_spaces_parse_against_the_default_params(cfg):
     space = load_space("default", cfg)
     assert space.params and all(k.startswith("head.") for k in space.params) and space.folds >= 3

@@ -26,6 +26,7 @@ from xfer import XferError
 from xfer.core.args import Parser
 from xfer.core.files import write_json
 from xfer.core.presets import write_preset
+from xfer.core.retry import retry_locked
 from xfer.data.paths import CLASSES, REPORTS, load_features, load_training_features
 from xfer.nets.search import (
     CACHED_VIEWS_KEY,
@@ -41,6 +42,13 @@ from xfer.nets.search import (
 )
 
 SEARCH_REPORTS = REPORTS / "search"
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password (``postgresql://user:***@host/db``)."""
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def storage_for(url: str | None):
@@ -201,8 +209,8 @@ def run(args) -> int:
     objective = Objective.from_cache(cfg, space, client, parent)
     n_trials = args.trials if args.trials is not None or args.timeout is not None else space.trials
     images = sum(len(part) for part in objective.folds[0])
-    print(f"search: study {name} ({url}), {space.folds}-fold CV on {images} train+val images"
-          f", budget, budget {n_trials or 'unlimited'} trials, {args.timeout or 'no'} timeout", flush=True)
+    print(f"search: study {name} ({redacted(url)}), {space.folds}-fold CV on {images} train+val images"
+          f", budget {n_trials or 'unlimited'} trials, {args.timeout or 'no'} timeout", flush=True)
     started = time.perf_counter()
     interrupted = False
     try:
@@ -218,7 +226,7 @@ def run(args) -> int:
         print("search: stopped before the baseline was scored; nothing to report", file=sys.stderr)
         return 130
     result = summary(study, base, space) or {}
-    result.update(study=name, storage=url.split("@")[-1], worker=args.worker, worker_seconds=round(seconds, 2),
+    result.update(study=name, storage=redacted(url), worker=args.worker, worker_seconds=round(seconds, 2),
                   interrupted=interrupted)
     if "best_params" in result:
         preset = args.name or name
@@ -234,15 +242,15 @@ def run(args) -> int:
                   f"Reproduce through the pipeline: dvc exp run -S experiment=search-{preset}")
         path = write_preset(f"search-{preset}", cfg, values, header)
         result.update(preset=str(path.relative_to(path.parents[2])), preset_values=values)
-        client.log_artifact(parent, str(path))
+        retry_locked(client.log_artifact, parent, str(path))
     metrics = {k: float(result[k]) for k in ("best_cv_accuracy", "best_cv_accuracy_std", "baseline_cv_accuracy",
                                              "gain", "gain_std", "adopted", "trials_complete", "trials_pruned")
                if k in result}
     for key, value in {**metrics, "worker_seconds": seconds}.items():
-        client.log_metric(parent, key, float(value))
+        retry_locked(client.log_metric, parent, key, float(value))
     result["figures"] = log_study_figures(client, parent, study)
-    client.set_tag(parent, "interrupted", str(interrupted).lower())  # the study's best so far is kept either way
-    client.set_terminated(parent, "FINISHED")
+    retry_locked(client.set_tag, parent, "interrupted", str(interrupted).lower())  # the best so far is kept anyway
+    retry_locked(client.set_terminated, parent, "FINISHED")
     write_json(SEARCH_REPORTS / f"{name}.json", result)
     if "best_params" in result:
         kept = "the winner" if result["adopted"] else "params.yaml's settings (gain within the noise)"
