@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
 
     from xfer.core.distribute import check_loss_scaling, distributed, strategy_for
     from xfer.core.runtime import progress_bar, seed_everything, use_jit, xla_errors
-    from xfer.nets.models import build_head, class_weights, compile_model, save_model, training_callbacks
+    from xfer.nets.models import fit_head, save_model
 
     strategy = strategy_for(cfg.runtime.strategy, cfg.runtime.jit)  # first: it may set up TensorFlow's devices
     seed_everything(cfg.seed, cfg.runtime.deterministic)
@@ -38,21 +38,13 @@ def main(cfg: DictConfig) -> None:
     x_val, y_val = load_features(cfg.backbone.name, "val")
     with stage_run("train_head", cfg, ["head", "seed", "runtime"]), distributed(strategy, log_params):
         log_inputs(cfg, "train", "val")
-        model = build_head(x_train.shape[1:], n_classes, h)
-        check_loss_scaling(strategy)
         jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
         log_param("jit_used", jit)
-        compile_model(model, h, n_classes, steps_per_epoch=-(-len(x_train) // int(h.batch_size)), jit=jit)
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "head.csv") as curves:
-            best = Path(tmp) / "best.weights.h5"
-            callbacks = training_callbacks(best, h, [keras.callbacks.CSVLogger(str(curves)), epoch_logger(),
-                                                     progress_bar("train_head")])
+            extra = [keras.callbacks.CSVLogger(str(curves)), epoch_logger(), progress_bar("train_head")]
             with xla_errors():
-                history = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=int(h.epochs),
-                                    batch_size=int(h.batch_size), callbacks=callbacks, shuffle=True, verbose=0,
-                                    class_weight=class_weights(y_train, h.class_weight, n_classes))
-            if best.exists():  # the best epoch, whether or not early stopping fired (else: no finite val_loss)
-                model.load_weights(str(best))
+                model, history = fit_head(x_train, y_train, x_val, y_val, h, n_classes, Path(tmp) / "best.weights.h5",
+                                          extra, jit, before_compile=lambda: check_loss_scaling(strategy))
             save_model(model, HEAD_MODEL)
         val_loss, val_acc = model.evaluate(x_val, y_val, batch_size=int(h.batch_size), verbose=0)
         metrics = {"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_acc), 6)}

@@ -107,13 +107,14 @@ def xfer(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand_in_one_line_each():
     out = xfer("--help")
     assert out.returncode == 0
-    for name in ("predict", "compare", "params", "stack"):
+    for name in ("predict", "compare", "search", "params", "stack"):
         assert any(line.strip().startswith(name + " ") for line in out.stdout.splitlines()), out.stdout
 
 
 @pytest.mark.parametrize("args, words", [(["frobnicate"], ["unknown command 'frobnicate'", "predict, compare"]),
                                          (["compare", "--colour"], ["--colour", "valid options", "--per-run"]),
                                          (["params", "--colour"], ["--colour", "--check"]),
+                                         (["search", "--colour"], ["--colour", "valid options", "--trials"]),
                                          (["stack", "sideways"], ["invalid choice", "up", "down"])])
 def test_a_bad_command_line_is_one_line_with_the_valid_choices(args, words):
     out = xfer(*args)
@@ -122,7 +123,7 @@ def test_a_bad_command_line_is_one_line_with_the_valid_choices(args, words):
 
 
 @pytest.mark.parametrize("name, option", [("predict", "--explain"), ("compare", "--per-run"), ("params", "--check"),
-                                          ("stack", "--auth"), ("sync", "--list")])
+                                          ("stack", "--auth"), ("sync", "--list"), ("search", "--timeout")])
 def test_each_subcommand_documents_its_options(name, option):
     out = xfer(name, "--help")
     assert out.returncode == 0 and option in out.stdout, out.stdout

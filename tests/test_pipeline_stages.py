@@ -123,6 +123,34 @@ def test_registered_model_takes_raw_images(tiny_run):
     assert set(out["class"]) <= {"blobs", "stripes"} and out["probability"].between(0.5, 1).all()
     arrays = pd.DataFrame({"image": [np.asarray(Image.open(f)) for f in files]})
     pd.testing.assert_frame_equal(model.predict(arrays), out, atol=1e-5)
+    temperature = read_json(root / "models/calibration.json")["temperature"]
+    assert model.unwrap_python_model().predictor.temperature == temperature  # calibrated like evaluate's numbers
+
+
+def test_evaluate_calibrates_with_a_temperature_fitted_on_validation(tiny_run):
+    """One temperature fitted on the validation probabilities, applied to the reported probabilities and by
+    predict; the predicted classes stay those of the uncalibrated model."""
+    root, _ = tiny_run
+    from xfer.nets.calibrate import scale
+    from xfer.nets.predict import load
+
+    cal = read_json(root / "models/calibration.json")
+    t = cal["temperature"]
+    assert t > 0 and cal["method"] == "temperature" and cal["val_nll_after"] <= cal["val_nll_before"] + 1e-6
+    full = read_json(root / "reports/evaluate.json")
+    assert full["temperature"] == t and full["calibrate"] == "temperature"
+    assert 0 <= full["test_ece"] <= 1 and 0 <= full["test_ece_uncalibrated"] <= 1
+    assert {"test_ece_uncalibrated", "temperature"} <= set(read_json(root / "reports/metrics/evaluate.json"))
+    predictor = load(str(root / "models/model.keras"), str(root / "data/raw/classes.json"), ["flip"])
+    assert predictor.temperature == t
+    files = sorted((root / "data/raw/images").rglob("*.jpg"))[:6]
+    batch = predictor.decode_all([f.read_bytes() for f in files])
+    raw = np.mean(predictor.views(batch), axis=0)
+    calibrated = predictor.probabilities(batch)
+    np.testing.assert_allclose(calibrated, scale(raw, t), atol=1e-6)
+    assert np.array_equal(calibrated.argmax(axis=1), raw.argmax(axis=1))
+    preds = pd.read_csv(root / "reports/plots/test_predictions.csv")
+    assert preds["probability"].between(0.5, 1).all()
 
 
 def test_predict_cli_skips_bad_files(tiny_run, tmp_path, capsys, monkeypatch):
@@ -333,7 +361,13 @@ def test_without_fine_tuning_evaluate_reads_the_cached_test_features(tiny_run):
     evaluate.main(load_params([*TINY, "finetune.enabled=false", "evaluate.tta=[]", "evaluate.register=false"]))
     full = read_json(root / "reports/evaluate.json")
     assert full["test_image_passes"] == 0 and "test_images_per_sec" not in full
-    assert full["test_accuracy"] == full["head_test_accuracy"] and full["test_loss"] == full["head_test_loss"]
+    assert full["test_accuracy"] == full["head_test_accuracy"]  # calibration keeps the classes
+    assert full["test_ece_uncalibrated"] == full["head_test_ece"]  # before it: the head's own probabilities
+    evaluate.main(load_params([*TINY, "finetune.enabled=false", "evaluate.tta=[]", "evaluate.register=false",
+                               "evaluate.calibrate=none"]))
+    full = read_json(root / "reports/evaluate.json")
+    assert full["test_loss"] == full["head_test_loss"] and full["temperature"] == 1.0
+    assert read_json(root / "models/calibration.json") == {"temperature": 1.0, "method": "none"}
     evaluate.main(load_params([*TINY, "finetune.enabled=false", "evaluate.register=false"]))
     assert read_json(root / "reports/evaluate.json")["test_image_passes"] == 1  # the mirrors only
 

@@ -19,6 +19,7 @@ TRUNK = Path("data/trunk")
 MODELS = Path("models")
 HEAD_MODEL = MODELS / "head.keras"
 FINAL_MODEL = MODELS / "model.keras"
+CALIBRATION = MODELS / "calibration.json"  # evaluate's temperature (xfer.nets.calibrate)
 REPORTS = Path("reports")
 METRICS = REPORTS / "metrics"
 PLOTS = REPORTS / "plots"

@@ -1,4 +1,5 @@
-"""Keras models: the dense head, optimizers, augmentation, training callbacks, byte-reproducible saving."""
+"""Keras models: the dense head and its fit (train_head's, also run by xfer search), optimizers, augmentation,
+training callbacks, byte-reproducible saving."""
 
 from __future__ import annotations
 
@@ -95,12 +96,14 @@ def optimizer(ocfg: DictConfig, steps_per_epoch: int | None = None) -> keras.opt
 
 
 def compile_model(model: keras.Model, ocfg: DictConfig, n_classes: int, steps_per_epoch: int | None = None,
-                  jit: bool = False) -> None:
-    """Compile with the section's optimizer, loss (label smoothing) and accuracy; ``jit``: XLA (runtime.jit)."""
+                  jit: bool = False, steps_per_execution: int = 1) -> None:
+    """Compile with the section's optimizer, loss (label smoothing) and accuracy; ``jit``: XLA (runtime.jit);
+    ``steps_per_execution``: batches per call of the compiled step (the same updates, less Python per batch)."""
     from xfer.core.runtime import set_jit
 
     model.compile(optimizer=optimizer(ocfg, steps_per_epoch),
-                  loss=loss_for(n_classes, ocfg.get("label_smoothing") or 0.0), metrics=["accuracy"])
+                  loss=loss_for(n_classes, ocfg.get("label_smoothing") or 0.0), metrics=["accuracy"],
+                  steps_per_execution=int(steps_per_execution))
     set_jit(model, jit)
 
 
@@ -149,3 +152,48 @@ def class_weights(labels, setting: str | None, n_classes: int) -> dict[int, floa
 
     weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=np.asarray(labels))
     return {i: float(w) for i, w in enumerate(weights)}
+
+
+def fit_head(x_train, y_train, x_val, y_val, hcfg: DictConfig, n_classes: int, checkpoint: Path,
+             extra: list | None = None, jit: bool = False, before_compile=None, steps_per_execution: int = 1,
+             model: keras.Model | None = None):
+    """Build, compile and fit the head on features exactly as the train_head stage does (the section's optimizer,
+    loss, callbacks, class weights, ``epochs``, shuffled batches); return the model with the weights of its lowest
+    ``val_loss`` epoch and the Keras history. ``checkpoint``: a ``.weights.h5`` path for the best weights;
+    ``steps_per_execution`` > 1 (xfer search) runs that many batches per call (per-batch callbacks see fewer);
+    ``model``: a head from :func:`new_head`, fitted as it is (after :func:`restart`, the k folds of one trial
+    share their compiled steps instead of tracing them again)."""
+    if model is None:
+        model = new_head(x_train, n_classes, hcfg, jit, before_compile, steps_per_execution)
+    history = model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=int(hcfg.epochs),
+                        batch_size=int(hcfg.batch_size), callbacks=training_callbacks(checkpoint, hcfg, extra),
+                        shuffle=True, verbose=0, class_weight=class_weights(y_train, hcfg.class_weight, n_classes))
+    if Path(checkpoint).exists():  # the best epoch, whether or not early stopping fired (else: no finite val_loss)
+        model.load_weights(str(checkpoint))
+    return model, history
+
+
+def new_head(x_train, n_classes: int, hcfg: DictConfig, jit: bool = False, before_compile=None,
+             steps_per_execution: int = 1) -> keras.Model:
+    """The head built for these training rows and compiled (schedules count the steps of ``len(x_train)`` rows)."""
+    model = build_head(tuple(x_train.shape[1:]), n_classes, hcfg)
+    if before_compile is not None:
+        before_compile()  # e.g. check_loss_scaling: after building, before compiling
+    steps = -(-len(x_train) // int(hcfg.batch_size))
+    compile_model(model, hcfg, n_classes, steps_per_epoch=steps, jit=jit,
+                  steps_per_execution=min(int(steps_per_execution), steps))
+    return model
+
+
+def restart(model: keras.Model, weights: list, hcfg: DictConfig) -> None:
+    """Put a compiled head back to a fresh start: the given initial weights, zeroed optimizer state (step count,
+    moments) and the configured learning rate (reduce-LR-on-plateau may have lowered it)."""
+    model.set_weights(weights)
+    opt = model.optimizer
+    if opt.built:
+        for v in opt.variables:
+            if v is not getattr(opt, "_learning_rate", None):
+                v.assign(keras.ops.zeros_like(v))
+    if isinstance(opt.learning_rate, keras.Variable) or hasattr(opt.learning_rate, "assign"):
+        if (hcfg.get("schedule") or "constant") == "constant":
+            opt.learning_rate.assign(float(hcfg.learning_rate))

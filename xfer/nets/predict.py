@@ -5,7 +5,9 @@ usage: xfer predict FILE_OR_FOLDER [...] [--model models/model.keras | models:/N
                                 [--classes data/raw/classes.json] [--out predictions.csv] [--tta flip|none]
                                 [--explain]
 Unreadable files are listed and skipped. Test-time augmentation follows evaluate.tta in params.yaml unless --tta
-is given (a registered MLflow model applies the TTA it was evaluated with). --explain also writes each image with
+is given (a registered MLflow model applies the TTA it was evaluated with). Probabilities are calibrated with the
+temperature evaluate fitted: calibration.json beside a .keras model (models/calibration.json), or the registered
+model's own. --explain also writes each image with
 its Grad-CAM heatmap for the predicted class beside the CSV (<out>_explained/, column `explanation`).
 """
 
@@ -22,7 +24,7 @@ import pandas as pd
 from xfer import XferError
 from xfer.core.args import Parser
 from xfer.core.files import atomic_dir, atomic_path
-from xfer.data.paths import CLASSES, FINAL_MODEL
+from xfer.data.paths import CALIBRATION, CLASSES, FINAL_MODEL
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -73,12 +75,13 @@ def load(model: str, classes: str, tta=(), explicit_tta: bool = False, explain: 
         check_server(tracking_uri())
         mlflow.set_tracking_uri(tracking_uri())
         return mlflow.pyfunc.load_model(model).unwrap_python_model().predictor
+    from xfer.nets.calibrate import read_temperature
     from xfer.nets.serving import Predictor
 
     for path in (model, classes):
         if not Path(path).is_file():
             raise XferError(f"{path} not found; run the pipeline first (dvc repro) or pass --model/--classes")
-    return Predictor.load(model, classes, tta)
+    return Predictor.load(model, classes, tta, read_temperature(Path(model).with_name(CALIBRATION.name)))
 
 
 def explain(predictor, batch, classes: list[str], folder: Path, names: list[str]) -> list[str]:

@@ -55,20 +55,22 @@ def check_tta(tta) -> list[str]:
 
 class Predictor:
     """A Keras image model plus its class names: ``predict(images) -> DataFrame[class, probability]``.
-    With ``tta=["flip"]`` the probabilities are the mean over the image and its horizontal mirror."""
+    With ``tta=["flip"]`` the probabilities are the mean over the image and its horizontal mirror; ``temperature``
+    (evaluate's calibration, models/calibration.json) then scales them (the predicted class stays the same)."""
 
-    def __init__(self, model, classes: list[str], tta=()):
+    def __init__(self, model, classes: list[str], tta=(), temperature: float = 1.0):
         self.model, self.classes, self.tta = model, list(classes), check_tta(tta)
-        self.size = int(model.input_shape[1])
+        self.size, self.temperature = int(model.input_shape[1]), float(temperature)
 
     @classmethod
-    def load(cls, model_path: str | Path, classes_path: str | Path, tta=()) -> Predictor:
+    def load(cls, model_path: str | Path, classes_path: str | Path, tta=(), temperature: float = 1.0) -> Predictor:
         import keras
 
         import xfer.nets.backbones  # noqa: F401 - registers the Preprocess layer
         import xfer.nets.models  # noqa: F401 - registers the smoothed loss
 
-        return cls(keras.saving.load_model(str(model_path)), json.loads(Path(classes_path).read_text()), tta)
+        return cls(keras.saving.load_model(str(model_path)), json.loads(Path(classes_path).read_text()), tta,
+                   temperature)
 
     def views(self, batch: np.ndarray, plain: bool = True) -> list[np.ndarray]:
         """(n, k) class probabilities of each view: the batch itself first (unless not ``plain``), then each TTA
@@ -89,7 +91,10 @@ class Predictor:
         return [np.concatenate([b[i] for b in batches]) for i in range(len(batches[0]))] if batches else []
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return np.mean(self.views(batch), axis=0)
+        """(n, k) calibrated class probabilities: the views' mean, temperature-scaled."""
+        from xfer.nets.calibrate import scale
+
+        return scale(np.mean(self.views(batch), axis=0), self.temperature)
 
     def decode_all(self, images: list) -> np.ndarray:
         """Image files' bytes (or arrays) as one batch the model takes."""
@@ -106,12 +111,13 @@ class Predictor:
 
 class ImageClassifier(_PythonModel):
     """MLflow pyfunc: a DataFrame with an ``image`` column (file bytes, or base64 over REST; decoded arrays
-    from Python) -> a DataFrame with ``class`` and ``probability`` (with the TTA evaluate used)."""
+    from Python) -> a DataFrame with ``class`` and ``probability`` (with the TTA and temperature evaluate used)."""
 
     def load_context(self, context) -> None:
-        settings = context.artifacts.get("settings")
-        tta = json.loads(Path(settings).read_text()).get("tta", []) if settings else []
-        self.predictor = Predictor.load(context.artifacts["keras_model"], context.artifacts["classes"], tta)
+        path = context.artifacts.get("settings")
+        settings = json.loads(Path(path).read_text()) if path else {}
+        self.predictor = Predictor.load(context.artifacts["keras_model"], context.artifacts["classes"],
+                                        settings.get("tta", []), float(settings.get("temperature", 1.0)))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         images = model_input["image"] if isinstance(model_input, pd.DataFrame) else model_input
@@ -131,9 +137,9 @@ def registered_name(cfg) -> str:
     return cfg.evaluate.registered_model or f"{cfg.data.name}-classifier"
 
 
-def register(cfg, run, classes_path, model_path, metrics: dict) -> str:
-    """Log the pyfunc `classifier` (raw images in) and register it, described with its test metrics, data and
-    parameters; move the `candidate` alias to the new version."""
+def register(cfg, run, classes_path, model_path, metrics: dict, temperature: float = 1.0) -> str:
+    """Log the pyfunc `classifier` (raw images in, calibrated probabilities out with ``temperature``) and register
+    it, described with its test metrics, data and parameters; move the `candidate` alias to the new version."""
     import keras
     import mlflow
     import tensorflow as tf
@@ -144,7 +150,7 @@ def register(cfg, run, classes_path, model_path, metrics: dict) -> str:
     name = registered_name(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         settings = Path(tmp) / "settings.json"
-        settings.write_text(json.dumps({"tta": list(cfg.evaluate.tta or [])}))
+        settings.write_text(json.dumps({"tta": list(cfg.evaluate.tta or []), "temperature": float(temperature)}))
         info = retry_locked(
             mlflow.pyfunc.log_model,
             name="classifier", python_model=ImageClassifier(), signature=signature(),

@@ -1,8 +1,10 @@
 """Figures the stages log to MLflow and save for DVC: training curves, ROC curve, confusion matrix, grids of
-test images beside their Grad-CAM heatmaps, and grids of image files (the audit's suspects)."""
+test images beside their Grad-CAM heatmaps, grids of image files (the audit's suspects), and xfer search's Optuna
+figures (history, parameter importances)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,31 @@ def log_figure(fig, name: str, parent: bool = False) -> None:
     if parent:
         rec.log_bytes(buffer.getvalue(), name, run_id=rec.parent_id)
     _pyplot().close(fig)
+
+
+def log_study_figures(client, run_id: str, study) -> list[str]:
+    """Optuna's optimization history and (with two or more complete trials) parameter importances, as figures of
+    the study's MLflow parent run; return the names logged."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    from xfer.core.retry import retry_locked
+
+    plt = _pyplot()
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    logged = []
+    plots = [("optimization_history.png", ovm.plot_optimization_history)]
+    if len(complete) >= 2 and len({json.dumps(t.params, sort_keys=True, default=str) for t in complete}) >= 2:
+        plots.append(("param_importances.png", ovm.plot_param_importances))
+    for name, plot in plots:
+        try:
+            ax = plot(study)
+        except (ValueError, RuntimeError):  # e.g. importances of parameters that never varied
+            continue
+        fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+        fig.set_size_inches(8, 4.5)
+        fig.tight_layout()
+        retry_locked(client.log_figure, run_id, fig, name)
+        plt.close(fig)
+        logged.append(name)
+    return logged

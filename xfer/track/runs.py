@@ -314,3 +314,51 @@ def epoch_logger():
             rec.log_metrics({**metrics, "epoch_seconds": self.seconds[-1]}, step=epoch)  # queued: never waits
 
     return EpochLogger()
+
+
+def study_run(cfg: DictConfig, study) -> tuple[Any, str]:
+    """The MLflow client and the parent run of an ``xfer search`` study: one per study, whichever worker comes
+    first. Each worker creates one, then keeps the earliest of the study's parents (the same for every worker,
+    since a worker sees its own and every earlier one) and deletes its own if that is not it."""
+    import mlflow
+
+    from xfer.core.runtime import quiet_mlflow
+
+    quiet_mlflow()
+    own_db = not os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri()
+    prepare_database(uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    artifacts = (repo_root() / "mlruns" / "artifacts").as_uri() if own_db else None
+    experiment_id = set_experiment(experiment_name(cfg), artifacts)
+    query = f"tags.role = 'search' and tags.`xfer.study` = '{study.study_name}'"
+    found = retry_locked(client.search_runs, [experiment_id], query, order_by=["attributes.start_time ASC"])
+    if found:
+        return client, found[0].info.run_id
+    tags = {"role": "search", "xfer.study": study.study_name, "dataset": cfg.data.name,
+            "backbone": cfg.backbone.name, "git_commit": git_commit()}
+    own = retry_locked(client.create_run, experiment_id, run_name=f"search-{study.study_name}", tags=tags).info
+    found = retry_locked(client.search_runs, [experiment_id], query, order_by=["attributes.start_time ASC"])
+    first = min(found, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    if first != own.run_id:  # another worker's came first
+        retry_locked(client.delete_run, own.run_id)
+    return client, first
+
+
+def log_trial(client, parent: str, cfg: DictConfig, number: int, params: dict[str, Any], metrics: dict[str, float],
+              state: str) -> str:
+    """One trial of a study as a run nested under the study's parent: its params, selection metrics and state
+    (COMPLETE, PRUNED, FAIL; also the run's tag ``state``)."""
+    parent_run = retry_locked(client.get_run, parent)
+    tags = {"mlflow.parentRunId": parent, "role": "trial", "state": state, "trial": str(number),
+            "xfer.study": parent_run.data.tags.get("xfer.study", ""), "dataset": cfg.data.name,
+            "backbone": cfg.backbone.name}
+    run = retry_locked(client.create_run, parent_run.info.experiment_id, run_name=f"trial-{number}", tags=tags)
+    rid = run.info.run_id
+    for key, value in params.items():
+        retry_locked(client.log_param, rid, key, shown(value, key))
+    for key, value in metrics.items():
+        retry_locked(client.log_metric, rid, key, float(value))
+    retry_locked(client.set_terminated, rid, "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+    return rid
