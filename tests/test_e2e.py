@@ -217,7 +217,7 @@ def test_parallel_queued_experiments_lose_nothing(queue_repo):
     assert {"demo-a", "demo-b"} <= set(names)
     client, _, runs = mlflow_runs(root, env=env)
     _, _, parents = mlflow_runs(root, "pipeline", env)
-    stages = ("featurize", "audit", "views", "trunk", "train_head", "finetune", "evaluate")
+    stages = ("featurize", "audit", "views", "trunk", "train_head", "finetune", "evaluate", "export")
     found = {name: sorted(r.info.run_name for r in runs if r.data.tags["dvc_exp_name"] == name)
              for name in ("demo-a", "demo-b")}
     expected = {name: sorted(["download", "split", *(f"{s}-{b}" for s in stages), *extra])
