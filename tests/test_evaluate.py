@@ -160,3 +160,19 @@ def test_leaderboard_rows_are_models_head_finetuned_and_scratch_baselines(tmp_pa
     assert main(["--experiment", "pets", "--per-model", "--out", str(tmp_path / "best")]) == 0
     assert sorted(pd.read_csv(tmp_path / "best/leaderboard.csv")["model"]) == ["scratch/convnet", "vgg16/finetuned",
                                                                              "vgg16/head"]
+
+
+def test_probabilities_that_sum_to_one_only_up_to_rounding_give_no_warning():
+    """A float16/int8 runtime's rows sum to 1 +- 1e-3: the log loss renormalises them instead of warning."""
+    import warnings
+
+    from sklearn.metrics import log_loss
+
+    from xfer.track.metrics import classification_metrics
+
+    y = np.array([0, 1, 1, 0])
+    p = np.array([[0.8, 0.199], [0.3, 0.698], [0.1, 0.901], [0.6, 0.4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = classification_metrics(y, p, ["cat", "dog"])["loss"]
+    assert loss == pytest.approx(log_loss(y, p / p.sum(axis=1, keepdims=True)))

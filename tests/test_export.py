@@ -221,7 +221,8 @@ def test_the_stage_reports_each_format_against_the_keras_model(tiny_run):
     assert sizes["litert_int8"] < sizes["litert_float16"] < 1.0 < sizes["onnx"] * 1.5
     card = read_json(root / "models/export/model.json")
     assert card["classes"] == ["blobs", "stripes"] and card["input"]["shape"] == [None, 32, 32, 3]
-    assert card["tta"] == ["flip"] and card["temperature"] is None
+    calibration = read_json(root / "models/calibration.json")  # evaluate's temperature, applied inside the graph
+    assert card["tta"] == ["flip"] and card["temperature"] == pytest.approx(calibration["temperature"])
     assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]  # no temporaries left
 
 

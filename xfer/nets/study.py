@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from xfer.core.config import load_params
-    from xfer.core.runtime import import_tensorflow
+    from xfer.core.quiet import import_tensorflow
 
     cfg = load_params(args.overrides)
     cached = load_training_features(cfg.backbone.name)[2]

@@ -35,6 +35,13 @@ def expected_calibration_error(y: np.ndarray, probs: np.ndarray, n_bins: int = 1
     return float(np.sum(counts / counts.sum() * np.abs(acc - conf)))
 
 
+def _rows_summing_to_one(p: np.ndarray) -> np.ndarray:
+    """Probabilities clipped away from 0 and renormalised per row: a float16 or int8 runtime's (or bfloat16
+    model's) rows sum to one only up to their rounding, which scikit-learn's log loss warns about."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1)
+    return q / q.sum(axis=1, keepdims=True)
+
+
 def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, log loss, ROC AUC, per-class and macro precision/recall/F1, confusion matrix, ECE."""
     p = as_matrix(probs)
@@ -49,7 +56,7 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, classes: list[str])
         auc = float("nan")
     return {
         "accuracy": float(accuracy_score(y, pred)),
-        "loss": float(log_loss(y, np.clip(p, 1e-7, 1), labels=labels)),
+        "loss": float(log_loss(y, _rows_summing_to_one(p), labels=labels)),
         "auc": float(auc),
         "ece": expected_calibration_error(y, probs),
         "precision_macro": float(macro[0]), "recall_macro": float(macro[1]), "f1_macro": float(macro[2]),
