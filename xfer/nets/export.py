@@ -42,19 +42,11 @@ def check_formats(formats: Iterable[str]) -> list[str]:
 
 
 def read_temperature(path: str | Path) -> float | None:
-    """The temperature of a calibration file (``{"temperature": T}``, T > 0), or None when there is no file."""
-    import json
+    """The temperature of a calibration file (``{"temperature": T}``, T > 0, checked by
+    :func:`xfer.nets.calibrate.read_temperature`), or None when there is no file (nothing to apply)."""
+    from xfer.nets.calibrate import read_temperature as calibrated
 
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        t = float(json.loads(path.read_text())["temperature"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise XferError(f"{path}: expected {{\"temperature\": T}} with a number T > 0 ({exc})") from None
-    if not np.isfinite(t) or t <= 0:
-        raise XferError(f"{path}: temperature {t} must be a positive number")
-    return t
+    return calibrated(path) if Path(path).is_file() else None
 
 
 class Mirror(keras.layers.Layer):
