@@ -73,12 +73,9 @@ def main(cfg: DictConfig) -> None:
 
     from xfer.nets.calibrate import calibrate, check_method, scale
     from xfer.nets.gradcam import explain_images
-    from xfer.nets.serving import Predictor, check_tta, register, registered_name
+    from xfer.nets.serving import Predictor, evaluate_tta, register, registered_name
 
-    try:
-        tta = check_tta(cfg.evaluate.tta)
-    except ValueError as exc:
-        raise XferError(f"evaluate.{exc}") from None
+    tta = evaluate_tta(cfg)
     for path in (FINAL_MODEL, HEAD_MODEL):
         if not path.is_file():
             raise XferError(f"{path} not found; run the train_head and finetune stages first")

@@ -50,15 +50,12 @@ def main(cfg: DictConfig) -> None:
         size_bytes,
     )
     from xfer.nets.runtimes import Runtime, cpu_name, latency_ms
-    from xfer.nets.serving import Predictor, check_tta
+    from xfer.nets.serving import Predictor, evaluate_tta
     from xfer.track.summary import tag_model_version
 
     e = cfg.export
     formats = check_formats(e.formats)
-    try:
-        tta = check_tta(cfg.evaluate.tta)
-    except ValueError as exc:
-        raise XferError(f"evaluate.{exc}") from None
+    tta = evaluate_tta(cfg)
     for path in (FINAL_MODEL, CLASSES):
         if not path.is_file():
             raise XferError(f"{path} not found; run the pipeline up to evaluate first (dvc repro evaluate)")

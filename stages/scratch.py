@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, read_json, write_json
 from xfer.data.paths import CLASSES, METRICS, MODELS, PLOTS, REPORTS, RUNS, image_paths, read_manifest
@@ -62,12 +61,9 @@ def main(cfg: DictConfig) -> None:
     from xfer.nets.gradcam import explain_images
     from xfer.nets.models import class_weights, compile_model, save_model, training_callbacks
     from xfer.nets.scratch import build_scratch
-    from xfer.nets.serving import Predictor, check_tta
+    from xfer.nets.serving import Predictor, evaluate_tta
 
-    try:
-        tta = check_tta(cfg.evaluate.tta)
-    except ValueError as exc:
-        raise XferError(f"evaluate.{exc}") from None
+    tta = evaluate_tta(cfg)
     seed_everything(cfg.seed, cfg.runtime.deterministic)
     set_precision(cfg.runtime.precision)
     classes = read_json(CLASSES)

@@ -145,3 +145,14 @@ def test_tta_averages_the_mirrored_predictions():
     np.testing.assert_allclose(tta, (plain + mirrored) / 2, atol=1e-6)
     with pytest.raises(ValueError, match="tta: 'rotate' is not one of flip"):
         check_tta(["rotate"])
+
+
+def test_a_bad_evaluate_tta_is_one_line_naming_the_key():
+    from omegaconf import OmegaConf
+
+    from xfer import XferError
+    from xfer.nets.serving import evaluate_tta
+
+    assert evaluate_tta(OmegaConf.create({"evaluate": {"tta": ["flip"]}})) == ["flip"]
+    with pytest.raises(XferError, match=r"^evaluate\.tta: 'rotate' is not one of flip"):
+        evaluate_tta(OmegaConf.create({"evaluate": {"tta": ["rotate"]}}))

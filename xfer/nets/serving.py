@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xfer import XferError
 from xfer.core.runtime import quiet_mlflow
 
 quiet_mlflow()
@@ -51,6 +52,14 @@ def check_tta(tta) -> list[str]:
         if view not in TTA_VIEWS:
             raise ValueError(f"tta: '{view}' is not one of {', '.join(TTA_VIEWS)} (or an empty list)")
     return views
+
+
+def evaluate_tta(cfg) -> list[str]:
+    """``evaluate.tta`` checked (:func:`check_tta`), a bad view refused as an error naming the key."""
+    try:
+        return check_tta(cfg.evaluate.tta)
+    except ValueError as exc:
+        raise XferError(f"evaluate.{exc}") from None
 
 
 class Predictor:
