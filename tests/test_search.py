@@ -88,6 +88,30 @@ def test_storage_urls_are_shown_without_their_password():
         default_storage("http://127.0.0.1:5000")
 
 
+def test_a_worker_that_loses_the_schema_creation_race_opens_the_storage(tmp_path, monkeypatch):
+    """Two workers started together on a fresh optuna.db both find no tables; the loser's CREATE TABLE fails
+    ("table studies already exists", seen in CI). It must retry and open the schema the winner made."""
+    import optuna
+    import sqlalchemy
+
+    from xfer.nets.study import storage_for
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    class Racing(real):
+        def __init__(self, url, **kwargs):
+            calls.append(url)
+            if len(calls) == 1:
+                real(url, **kwargs)  # the other worker wins the race ...
+                lost = Exception("table studies already exists")
+                raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, lost)
+            super().__init__(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    storage, url = storage_for(f"sqlite:///{tmp_path}/optuna.db")
+    assert len(calls) == 2 and optuna.create_study(study_name="s", storage=storage).study_name == "s"
+
+
 def test_the_shipped_spaces_parse_against_the_default_params(cfg):
     space = load_space("default", cfg)
     assert space.params and all(k.startswith("head.") for k in space.params) and space.folds >= 3

@@ -15,13 +15,14 @@ T = TypeVar("T")
 TRANSIENT = ("database is locked", "duplicate key value violates unique constraint", "UNIQUE constraint failed")
 
 
-def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
-    """Call an MLflow function, retrying with backoff on a ``TRANSIENT`` conflict with a parallel writer."""
+def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 8, also: tuple[str, ...] = (), **kwargs: Any) -> T:
+    """Call an MLflow function, retrying with backoff on a ``TRANSIENT`` conflict with a parallel writer (or on one
+    of the texts in ``also``: e.g. a schema another process created between our check and our CREATE TABLE)."""
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # MlflowException or sqlalchemy's OperationalError, depending on the call
-            if not any(text in str(exc) for text in TRANSIENT) or attempt == attempts - 1:
+            if not any(text in str(exc) for text in TRANSIENT + also) or attempt == attempts - 1:
                 raise
             time.sleep(min(0.25 * 2**attempt, 8.0))
     raise AssertionError("unreachable")

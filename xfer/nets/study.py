@@ -52,14 +52,17 @@ def redacted(url: str) -> str:
 
 
 def storage_for(url: str | None):
-    """An Optuna RDB storage (SQLite waits for its lock instead of failing at once)."""
+    """An Optuna RDB storage (SQLite waits for its lock instead of failing at once). Workers started together
+    race to create the schema: the loser's CREATE TABLE (or version row) fails, and a retry finds it made."""
     import optuna
 
+    from xfer.core.retry import retry_locked
     from xfer.track.store import tracking_uri
 
     url = url or os.environ.get("XFER_SEARCH_STORAGE") or default_storage(tracking_uri())
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs), url
+    storage = retry_locked(optuna.storages.RDBStorage, url, engine_kwargs=kwargs, also=("already exists",))
+    return storage, url
 
 
 class Objective:
