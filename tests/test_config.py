@@ -102,6 +102,33 @@ def test_unknown_choice_from_the_command_line_is_one_line_and_never_loads_tensor
     assert "backbone=nope" in proc.stderr and "vgg16" in proc.stderr
 
 
+FAST_EXIT_STAGE = """
+import atexit, sys
+from xfer.core.config import run_cli
+
+def main(cfg):
+    atexit.register(lambda: print("teardown ran", flush=True))
+    print("stage output", cfg.head.units)  # block-buffered into the pipe: must be flushed before the exit
+    print("stage note", file=sys.stderr)
+
+if __name__ == "__main__":
+    run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_a_finished_stage_process_skips_the_interpreter_teardown(tmp_path, fast):
+    """A stage run as a script ends with os._exit after flushing: exit 0, every printed line there, but no
+    teardown (an atexit handler does not run); XFER_FAST_EXIT=0 exits normally."""
+    script = tmp_path / "stage.py"
+    script.write_text(FAST_EXIT_STAGE)
+    env = {**os.environ, "XFER_FAST_EXIT": fast, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("stage output 256\n") and "stage note" in proc.stderr
+    assert ("teardown ran" in proc.stdout) == (fast == "0")
+
+
 def test_key_missing_from_params_yaml_is_one_line(project, capsys):
     text = (project / "params.yaml").read_text().replace("  units: 256\n", "")
     (project / "params.yaml").write_text(text)

@@ -163,3 +163,7 @@ def test_tensorflow_start_up_is_quiet_whoever_imports_it_first():
         err = stderr(code)
         assert not STARTUP_NOISE.search(err) and "absl" not in err, f"{code}: {err}"
     assert "kept" in stderr("import sys, xfer, keras; print('kept', file=sys.stderr)")
+    # TensorFlow's Python warnings (retracing, deprecations) are quiet too; its errors still show
+    log = "import xfer, keras, tensorflow as tf; tf.get_logger().{}('tf-says-{}')"
+    assert "tf-says-warning" not in stderr(log.format("warning", "warning"))
+    assert "tf-says-error" in stderr(log.format("error", "error"))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +233,26 @@ def test_calibration_lowers_ece_of_an_over_smoothed_head_and_keeps_the_classes(t
         calibrate("platt", y[va], p_val, path)
 
 
+TINY_SPACE = ("folds: 3\nmax_epochs: 2\nstartup_trials: 2\nspace:\n  head.units: {choices: [8, 16]}\n"
+              "  head.learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
+
+
+def two_workers(root: Path, env: dict[str, str]) -> list[str]:
+    """Start two `xfer search` workers together on study "shared" (conf/search/tiny.yaml, 2 trials each) in the
+    project at ``root``; both must succeed. Returns their command (without --worker)."""
+    (root / "conf/search/tiny.yaml").write_text(TINY_SPACE)
+    cmd = [sys.executable, "-m", "xfer", "search", "tiny", *TINY, "--trials", "2", "--study", "shared",
+           "--name", "tiny"]
+    procs = [subprocess.Popen([*cmd, "--worker", str(w)], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for w in (1, 2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "search: best cv_accuracy" in out and "dvc exp run -S experiment=search-tiny" in out
+        assert "ExperimentalWarning" not in err and "retracing" not in err, err[-3000:]  # a quiet search
+    return cmd
+
+
 @pytest.mark.e2e
 def test_two_workers_share_one_study_tracked_in_mlflow(tmp_path):
     """`xfer search` in two processes on one study (SQLite beside mlruns/mlflow.db), the test split deleted first:
@@ -239,22 +260,12 @@ def test_two_workers_share_one_study_tracked_in_mlflow(tmp_path):
     import mlflow
     import optuna
 
-    space = ("folds: 3\nmax_epochs: 2\nstartup_trials: 2\nspace:\n  head.units: {choices: [8, 16]}\n"
-             "  head.learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
     with tiny_project(tmp_path / "proj", ["download", "split", "featurize", "views"], "search-test") as (root, _):
-        (root / "conf/search/tiny.yaml").write_text(space)
         for f in (root / "data/features/vgg16").glob("test_*"):
             f.unlink()  # the search never reads the test split
         env = {**os.environ, "PYTHONPATH": str(root), "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlruns/mlflow.db"}
         (root / "mlruns").mkdir(exist_ok=True)
-        cmd = [sys.executable, "-m", "xfer", "search", "tiny", *TINY, "--trials", "2", "--study", "shared",
-               "--name", "tiny"]
-        procs = [subprocess.Popen([*cmd, "--worker", str(w)], cwd=root, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for w in (1, 2)]
-        outs = [p.communicate(timeout=600) for p in procs]
-        for p, (out, err) in zip(procs, outs, strict=True):
-            assert p.returncode == 0, err[-3000:]
-            assert "search: best cv_accuracy" in out and "dvc exp run -S experiment=search-tiny" in out
+        cmd = two_workers(root, env)
         storage = f"sqlite:///{root}/mlruns/optuna.db"
         study = optuna.load_study(study_name="shared", storage=storage)
         assert len(study.trials) == 4 and "baseline_fold_scores" in study.user_attrs

@@ -95,6 +95,32 @@ def test_up_logs_a_run_into_postgres_and_the_bucket(stack, tmp_path):
     assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in bucket_keys(stack))
 
 
+def test_search_workers_share_one_study_in_the_stacks_postgres(stack, tmp_path):
+    """`xfer stack env` gives `xfer search` the stack's PostgreSQL (database optuna): two workers started together
+    fill one study there, its trials nested under one parent run on the stack's tracking server."""
+    import mlflow
+    import optuna
+
+    from tests.conftest import tiny_project
+    from tests.test_search import two_workers
+
+    storage = stack["client_env"]["XFER_SEARCH_STORAGE"]
+    assert storage.startswith("postgresql+psycopg2://mlflow:")
+    assert storage.endswith(f"@127.0.0.1:{stack['ports']['postgres']}/optuna")
+    with tiny_project(tmp_path / "proj", ["download", "split", "featurize"], "search-stack") as (root, _):
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, **stack["client_env"],
+               "PYTHONPATH": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
+        two_workers(root, env)
+        assert not (root / "mlruns" / "optuna.db").exists()
+        assert creds(stack["dir"])["XFER_STACK_DB_PASSWORD"] not in (root / "reports/search/shared.json").read_text()
+    assert len(optuna.load_study(study_name="shared", storage=storage).trials) == 4
+    client = mlflow.MlflowClient(stack["url"])
+    exp = client.get_experiment_by_name("synthetic").experiment_id
+    (parent,) = client.search_runs([exp], "tags.role = 'search'")
+    trials = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(int(r.data.tags["trial"]) for r in trials) == [0, 1, 2, 3]
+
+
 def compare_error(env: dict[str, str], tmp_path: Path) -> str:
     """What `xfer compare` (which checks the server as every stage does) says, in one line."""
     proc = subprocess.run([sys.executable, "-m", "xfer", "compare", "--out", str(tmp_path)], capture_output=True,

@@ -180,6 +180,24 @@ def require(cfg: DictConfig, *keys: str) -> None:
             raise XferError(f"params.yaml: key '{key}' is missing or empty; set it in params.yaml or conf/")
 
 
+def fast_exit(code: int = 0) -> None:
+    """End a finished stage process now: flush what it printed and logged, then skip the interpreter's teardown
+    (about 1.6 s of CPU with TensorFlow loaded, paid by every stage of every `dvc repro`). Only after the stage's
+    work is done: its outputs are renamed into place and its MLflow records sent or spooled; no thread of ours
+    is left (the recorder was closed). XFER_FAST_EXIT=0 keeps the normal exit."""
+    if os.environ.get("XFER_FAST_EXIT", "1") == "0":
+        return
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None,
             tensorflow: bool = False) -> None:
     """Entry point shared by the stages: load params with overrides, run, turn expected errors into one line.
@@ -202,6 +220,8 @@ def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = Non
             import_tensorflow()
         main(cfg)
         signals.raise_if_interrupted()  # a signal some library swallowed still ends the stage as interrupted
+        if main.__module__ == "__main__":  # a stage process (python -m stages.x), not a caller in-process
+            fast_exit()
     except XferError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

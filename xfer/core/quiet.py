@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -53,6 +54,7 @@ class _Filtered:
                             if line.strip() and not STARTUP_NOISE.search(line)]
                     if kept:
                         print("\n".join(kept), file=sys.stderr)
+            _quiet_python_logger()
         finally:
             os.close(saved)
             _Filtered.depth -= 1
@@ -74,6 +76,14 @@ class QuietTensorFlow(importlib.abc.MetaPathFinder):
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
             spec.loader.exec_module = _Filtered(spec.loader.exec_module)
         return spec
+
+
+def _quiet_python_logger() -> None:
+    """TensorFlow's Python logger says only errors (not "... triggered tf.function retracing", which a search
+    that trains hundreds of small heads provokes), unless the user set its level (XFER_TF_LOG_LEVEL=WARNING)."""
+    logger = logging.getLogger("tensorflow")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(os.environ.get("XFER_TF_LOG_LEVEL", "ERROR"))
 
 
 def install() -> None:

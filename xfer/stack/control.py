@@ -12,6 +12,7 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 
@@ -275,7 +276,10 @@ def status_lines(folder: Path) -> list[str]:
 def _client_env(stack: Stack, creds: dict[str, str], auth: bool) -> dict[str, str]:
     env = {"MLFLOW_TRACKING_URI": stack.url("mlflow"), "MLFLOW_S3_ENDPOINT_URL": stack.url("s3"),
            "AWS_ACCESS_KEY_ID": creds["XFER_STACK_S3_ACCESS_KEY"],
-           "AWS_SECRET_ACCESS_KEY": creds["XFER_STACK_S3_SECRET_KEY"], "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_SECRET_ACCESS_KEY": creds["XFER_STACK_S3_SECRET_KEY"], "AWS_DEFAULT_REGION": "us-east-1",
+           # `xfer search` workers on every machine with this env fill one study in the stack's PostgreSQL
+           "XFER_SEARCH_STORAGE": f"postgresql+psycopg2://mlflow:{quote(creds['XFER_STACK_DB_PASSWORD'], safe='')}"
+                                  f"@{svc.HOST}:{stack.ports['postgres']}/optuna"}
     if auth:
         env.update(MLFLOW_TRACKING_USERNAME=_admin_user(), MLFLOW_TRACKING_PASSWORD=creds["XFER_STACK_ADMIN_PASSWORD"])
     return env

@@ -209,7 +209,8 @@ class Postgres:
         return pid if alive(pid) else None
 
     def start(self, db_password: str) -> None:
-        """initdb (first time), start on 127.0.0.1:port, make role ``mlflow`` and databases mlflow, mlflow_auth."""
+        """initdb (first time), start on 127.0.0.1:port, make role ``mlflow`` and databases mlflow, mlflow_auth
+        and optuna (the studies `xfer search` workers share)."""
         self.log.touch()
         self._own(self.log)
         if not (self.data / "PG_VERSION").is_file():
@@ -225,7 +226,7 @@ class Postgres:
                   f"ALTER ROLE mlflow WITH LOGIN PASSWORD '{pw}';\n"
                   + "".join(f"SELECT 'CREATE DATABASE {db} OWNER mlflow' WHERE NOT EXISTS "
                             f"(SELECT FROM pg_database WHERE datname = '{db}')\\gexec\n"
-                            for db in ("mlflow", "mlflow_auth")))
+                            for db in ("mlflow", "mlflow_auth", "optuna")))
 
     def psql(self, sql: str) -> None:
         """Run ``sql`` as the superuser over the unix socket in the data dir."""

@@ -5,6 +5,7 @@ figures (history, parameter importances)."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,9 @@ def log_study_figures(client, run_id: str, study) -> list[str]:
         plots.append(("param_importances.png", ovm.plot_param_importances))
     for name, plot in plots:
         try:
-            ax = plot(study)
+            with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental on every call
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = plot(study)
         except (ValueError, RuntimeError):  # e.g. importances of parameters that never varied
             continue
         fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
