@@ -172,3 +172,5 @@ def test_a_bad_filter_is_one_line(project):
         main(load_params(["audit.filter_by=guess"]))
     with pytest.raises(XferError, match=r"audit.min_quality: 0.7 is not in \[0, 0.5\]"):
         main(load_params(["audit.min_quality=0.7"]))
+    with pytest.raises(XferError, match="audit.min_quality: high is not in"):
+        main(load_params(["audit.min_quality=high"]))
