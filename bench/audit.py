@@ -1,7 +1,7 @@
 """Benchmark: what the audit finds, on real photos with planted faults, and what it costs.
 
 usage: python bench/audit.py ARCHIVE WEIGHTS [--plant] [--flip 0.02] [--copies 0.04] [--image-size 224]
-                             [--out DIR] [--seed 0] [--again key=value ...]
+                             [--out DIR] [--seed 0] [--reflip N] [--again key=value ...]
 ARCHIVE: a zip with one folder per class under one top folder (e.g. petimages-dev.zip); WEIGHTS: the Keras
 MobileNet v1 (alpha 0.25) notop .h5 (experiment=mobilenet-offline). In a copy of the project under --out: with
 --plant, a new archive is written first in which a seeded --flip share of the photos is filed under another class
@@ -12,8 +12,12 @@ Reports: the audit stage's wall time (process start to end: imports, MLflow, has
 its compute breakdown; with --plant the recall and precision of the planted flips among the flagged files and
 within the top k (k = planted flips that reached the split), and the recall of the planted copies that landed in
 another split than their original (among the audit's pairs, and among the split's hash-only report).
---again: rerun only the audit of an earlier run (same --out, archive, --plant) with these audit overrides, e.g.
---again audit.filter_by=predicted_neq_given.
+--reflip N: N more seeded sets of --flip label flips planted on the cached features (a flip changes a label, not
+a photo's features: the same as re-planting and re-featurizing), each audited in-process for label errors with the
+run's audit params (and the --again overrides): the mean and the range of recall and precision over N plants, not
+one draw; the bench's own flips are undone first, copies never flipped. Works without --plant too (e.g. 6 classes).
+--again: rerun only the audit of an earlier run (same --out, archive, --plant) with the current code and these
+audit overrides (none: the run's params), e.g. --again audit.filter_by=predicted_neq_given.
 """
 
 from __future__ import annotations
@@ -126,13 +130,66 @@ def score(proj: Path, planted: dict) -> dict:
     }
 
 
+def reflip(proj: Path, planted: dict, n: int, share: float, overrides: list[str]) -> dict:
+    """Recall and precision of the label audit over ``n`` seeded flip sets planted on the cached labels."""
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(proj))  # the project copy's code, the one that ran the stages
+    from xfer.nets.audit import audit
+
+    cfg = OmegaConf.merge(OmegaConf.load(proj / "params.yaml"), OmegaConf.from_dotlist(list(overrides)))
+    params = OmegaConf.merge(cfg.audit, {"similarity": 2.0, "outlier_fraction": 0.0})  # label errors only
+    classes = json.loads((proj / "data/raw/classes.json").read_text())
+    names = ("train", "val", "test")
+    frames = {s: pd.read_csv(proj / f"data/splits/{s}.csv") for s in names}
+    features = {s: np.load(proj / f"data/features/{cfg.backbone.name}/{s}_features.npy", mmap_mode="r")
+                for s in names}
+    paths = [p for s in names for p in frames[s]["path"]]
+    true = np.concatenate([np.load(proj / f"data/features/{cfg.backbone.name}/{s}_labels.npy") for s in names])
+    for i, p in enumerate(paths):  # the bench's own flips undone
+        if p in planted["flips"]:
+            true[i] = classes.index(planted["flips"][p])
+    eligible = np.array([i for i, p in enumerate(paths) if "copy__" not in p and p not in planted["flips"]])
+    rows, seconds = [], []
+    for k in range(1, n + 1):
+        rng = np.random.default_rng(1000 + k)
+        flipped = rng.choice(eligible, round(share * len(eligible)), replace=False)
+        given = true.copy()
+        given[flipped] = (given[flipped] + rng.integers(1, len(classes), len(flipped))) % len(classes)
+        start, splits = 0, {}
+        for s in names:
+            m = len(frames[s])
+            splits[s] = {"paths": paths[start : start + m], "labels": given[start : start + m],
+                         "features": features[s]}
+            start += m
+        report, took = audit(splits, classes, params, int(cfg.seed))
+        seconds.append(took["label_issues"])
+        flagged = {d["path"] for d in report["label_issues"]}
+        hit = len(flagged & {paths[i] for i in flipped})
+        rows.append((hit / len(flipped), hit / max(len(flagged), 1), len(flagged)))
+    a = np.array(rows)
+    return {"plants": n, "flips_each": int(round(share * len(eligible))),
+            "flip_recall_mean": round(float(a[:, 0].mean()), 3), "flip_recall_min": round(float(a[:, 0].min()), 3),
+            "flip_recall_max": round(float(a[:, 0].max()), 3),
+            "flip_precision_mean": round(float(a[:, 1].mean()), 3),
+            "flip_precision_min": round(float(a[:, 1].min()), 3), "flagged_mean": round(float(a[:, 2].mean()), 1),
+            "label_issues_seconds_mean": round(float(np.mean(seconds)), 2)}
+
+
 def again(work: Path, args) -> None:
     proj = work / "proj"
+    for name in ("stages", "xfer"):  # the current code (the params stay the run's)
+        shutil.rmtree(proj / name)
+        shutil.copytree(ROOT / name, proj / name)
     seconds = run_stages(proj, ["audit"], args.again)
     result = {"archive": args.archive.name, "overrides": args.again, "stage_seconds": seconds,
               "audit": json.loads((proj / "reports/metrics/audit.json").read_text())}
     if args.plant:
         result["planted"] = score(proj, json.loads((work / "planted.json").read_text()))
+    if args.reflip:
+        planted = json.loads((work / "planted.json").read_text()) if args.plant else {"flips": {}, "copies": {}}
+        result["reflipped"] = reflip(proj, planted, args.reflip, args.flip, args.again)
     print(json.dumps(result, indent=1))
 
 
@@ -146,7 +203,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/xfer-bench-audit"))
-    ap.add_argument("--again", nargs="+", default=None)
+    ap.add_argument("--reflip", type=int, default=0)
+    ap.add_argument("--again", nargs="*", default=None)
     args = ap.parse_args()
     work = args.out / (args.archive.stem + ("-planted" if args.plant else ""))
     if args.again is not None:
@@ -177,6 +235,8 @@ def main() -> None:
                   json.loads((proj / "reports/split.json").read_text())["cross_split_near_duplicates"]}
     if args.plant:
         result["planted"] = score(proj, planted)
+    if args.reflip:
+        result["reflipped"] = reflip(proj, planted, args.reflip, args.flip, [])
     (work / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

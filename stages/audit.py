@@ -47,6 +47,13 @@ def main(cfg: DictConfig) -> None:
     a = cfg.audit
     if a.filter_by not in FILTERS:
         raise XferError(f"audit.filter_by: '{a.filter_by}' is not one of {', '.join(FILTERS)}")
+    try:
+        min_quality = float(a.min_quality)
+    except (TypeError, ValueError):
+        min_quality = -1.0
+    if not 0 <= min_quality <= 0.5:
+        raise XferError(f"audit.min_quality: {a.min_quality} is not in [0, 0.5] (0.5: every file another class is "
+                        "ahead of; 0: cleanlab's list only)")
     with stage_run("audit", cfg, ["audit", "seed"]):
         started = time.perf_counter()
         if a.enabled:

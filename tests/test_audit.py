@@ -10,10 +10,10 @@ from PIL import Image
 
 from tests.conftest import tiny_project
 from xfer.core.files import read_json
-from xfer.nets.audit import audit, pooled
+from xfer.nets.audit import audit, label_issues, pooled
 
 PARAMS = OmegaConf.create({"label_splits": ["train", "val", "test"], "folds": 5, "C": 1.0, "similarity": 0.97,
-                           "hash_distance": 4, "outlier_fraction": 0.01, "grid": 16})
+                           "hash_distance": 4, "outlier_fraction": 0.01, "grid": 16, "min_quality": 0.3})
 
 
 def planted(seed=0, n=300, dim=32, classes=3, flips=12):
@@ -41,14 +41,35 @@ def test_planted_label_flips_are_found_with_their_true_class():
     flagged = {d["path"] for d in report["label_issues"]}
     assert len(flagged & flipped) >= 0.8 * len(flipped)  # recall
     assert len(flagged & flipped) >= 0.6 * len(flagged)  # precision
-    first = report["label_issues"][0]
-    assert first["rank"] == 1 and first["self_confidence"] <= report["label_issues"][-1]["self_confidence"]
+    first, quality = report["label_issues"][0], [d["quality"] for d in report["label_issues"]]
+    assert first["rank"] == 1 and quality == sorted(quality) and quality[0] < 0.3
     assert all(d["suggested"] != d["label"] for d in report["label_issues"] if d["path"] in flipped)
     assert report["counts"]["label_issues"] == len(flagged) and set(seconds) >= {"label_issues", "near_duplicates"}
     again, _ = audit(splits, ["a", "b", "c"], PARAMS, seed=1)
     assert again["label_issues"] == report["label_issues"]  # seeded folds
     every, _ = audit(splits, ["a", "b", "c"], OmegaConf.merge(PARAMS, {"filter_by": "predicted_neq_given"}), seed=1)
     assert {d["path"] for d in every["label_issues"]} >= flagged & flipped  # every out-of-fold error: a longer list
+
+
+def test_unsure_flips_confident_learning_misses_are_flagged_by_the_quality_threshold():
+    """A weak backbone's held-out model is sure of the clean files (0.97) and only unsure of most flipped ones
+    (0.75-0.85 for their true class): confident learning's per-class thresholds (about the classes' mean
+    confidence) count only the flips it is sure of; audit.min_quality adds the unsure ones, and nothing clean."""
+    rng = np.random.default_rng(0)
+    n, y = 400, np.arange(400) % 2
+    own = np.full(n, 0.97) - rng.uniform(0, 0.05, n)
+    sure, unsure = np.arange(0, 40, 8), np.arange(3, 200, 10)  # 5 sure flips, 20 unsure ones
+    own[sure], own[unsure] = rng.uniform(0.01, 0.05, len(sure)), rng.uniform(0.15, 0.25, len(unsure))
+    hard = np.arange(201, 400, 20)  # clean but hard: the model is unsure of their (right) label
+    own[hard] = rng.uniform(0.4, 0.6, len(hard))
+    probs = np.where(np.arange(2) == y[:, None], own[:, None], 1 - own[:, None])
+    flips = set(sure) | set(unsure)
+    cleanlab_only, quality = label_issues(y, probs, "prune_by_noise_rate", 0.0)
+    assert len(set(cleanlab_only) & flips) < 0.5 * len(flips)  # the shortlist misses most unsure flips
+    ranked, _ = label_issues(y, probs, "prune_by_noise_rate", 0.3)
+    assert set(ranked) >= flips and set(ranked) - flips <= set(cleanlab_only) - flips  # all flips, no new clean file
+    assert list(ranked[: len(sure)]) == sorted(sure, key=lambda i: quality[i])  # surest first
+    assert np.allclose(quality, own) and set(ranked) == set(cleanlab_only) | set(np.nonzero(own < 0.3)[0])
 
 
 def test_copies_across_splits_and_the_outlier():
@@ -149,3 +170,7 @@ def test_a_bad_filter_is_one_line(project):
 
     with pytest.raises(XferError, match="audit.filter_by: 'guess' is not one of prune_by_noise_rate"):
         main(load_params(["audit.filter_by=guess"]))
+    with pytest.raises(XferError, match=r"audit.min_quality: 0.7 is not in \[0, 0.5\]"):
+        main(load_params(["audit.min_quality=0.7"]))
+    with pytest.raises(XferError, match="audit.min_quality: high is not in"):
+        main(load_params(["audit.min_quality=high"]))

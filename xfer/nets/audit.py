@@ -1,10 +1,14 @@
 """The data audit on cached features: likely label errors, near-duplicates across splits, outliers.
 
 - Label errors: out-of-fold predicted probabilities of a logistic regression on the pooled backbone features
-  (k-fold, stratified, seeded), ranked by cleanlab's ``find_label_issues`` (confident learning) by self-confidence,
-  the probability the held-out model gives the file's own label. A linear head on frozen features is what the
-  pipeline's own head is, and it trains k times in seconds on thousands of images; the Keras head would take
-  minutes per fold for nearly the same probabilities.
+  (k-fold, stratified, seeded). A file is flagged when cleanlab's ``find_label_issues`` (confident learning,
+  ``filter_by``) lists it, or when its label quality score is below ``min_quality``: cleanlab's normalized margin
+  ``(1 + p(own label) - max p(other class)) / 2`` (0.5: a tie; 0.3: another class is ahead by 0.4; with two
+  classes, the held-out model's probability of the file's own label). Confident learning's shortlist is
+  precise but, with a weak backbone, misses the flipped photos the held-out model is unsure about; the threshold
+  catches those (bench/audit.py, README: Auditing the data). Everything flagged is ranked by that score. A linear
+  head on frozen features is what the pipeline's own head is, and it trains k times in seconds on thousands of
+  images; the Keras head would take minutes per fold for nearly the same probabilities.
 - Near-duplicates: pairs from different splits whose centred pooled features are nearly parallel (cosine) or whose
   perceptual hashes (xfer/data/hashes.py) differ in few bits.
 - Outliers: cleanlab's ``OutOfDistribution`` (mean distance to the k nearest neighbours in feature space): the
@@ -39,14 +43,18 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, fold
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     k = int(min(folds, np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
     if k < 2:
         raise ValueError("every class needs at least 2 images for cross-validation")
     # tol 1e-3, not 1e-4: half the time, the same ranked issues on the bench's data (bench/audit.py)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500, tol=1e-3))
-    probs = cross_val_predict(model, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                              method="predict_proba")
+    # One BLAS thread: these matrices are small, and on a busy 2-core machine threaded BLAS made the same fits 6x
+    # slower (28.6 s vs 4.3 s for 5,100 x 256, 6 classes, load average 6.5); also the same floats on any machine.
+    with threadpool_limits(limits=1, user_api="blas"):
+        probs = cross_val_predict(model, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                                  method="predict_proba")
     full = np.zeros((len(x), n_classes))
     full[:, np.unique(y)] = probs  # a class with no image here keeps probability 0
     return full
@@ -55,20 +63,25 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, fold
 FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
 
 
-def label_issues(y: np.ndarray, probs: np.ndarray, filter_by: str = "prune_by_noise_rate") -> np.ndarray:
-    """Indices of the likely label errors, most likely first (cleanlab's ``filter_by`` rule, ranked by
-    self-confidence)."""
+def label_issues(y: np.ndarray, probs: np.ndarray, filter_by: str = "prune_by_noise_rate",
+                 min_quality: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the likely label errors, most likely first, and every row's label quality score (cleanlab's
+    normalized margin, in [0, 1]). Flagged: cleanlab's ``filter_by`` list, plus every row whose score is below
+    ``min_quality`` (0: cleanlab's list only); ranked by the score (ties: by index)."""
     from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
 
     present = np.unique(y)
     if len(present) < 2:
-        return np.zeros(0, dtype=int)
+        return np.zeros(0, dtype=int), np.ones(len(y))
     remap = np.full(probs.shape[1], -1)
     remap[present] = np.arange(len(present))
     p = probs[:, present]
     p = p / np.maximum(p.sum(axis=1, keepdims=True), 1e-12)
-    return np.asarray(find_label_issues(remap[y], p, return_indices_ranked_by="self_confidence",
-                                        filter_by=filter_by, n_jobs=1), int)
+    quality = np.asarray(get_label_quality_scores(remap[y], p, method="normalized_margin"), float)
+    flagged = np.asarray(find_label_issues(remap[y], p, filter_by=filter_by, n_jobs=1), bool) | (quality < min_quality)
+    index = np.nonzero(flagged)[0]
+    return index[np.argsort(quality[index], kind="stable")], quality
 
 
 def similar_pairs(a: np.ndarray, b: np.ndarray, min_cosine: float) -> list[tuple[int, int, float]]:
@@ -115,10 +128,12 @@ def audit(splits: dict[str, dict], classes: list[str], a, seed: int, hashes: dic
     issues = []
     if len(np.unique(y)) >= 2 and np.bincount(y).max() >= 2:
         probs = out_of_fold_probabilities(x, y, len(classes), int(a.folds), seed, float(a.C))
-        for rank, k in enumerate(label_issues(y, probs, str(a.get("filter_by", "prune_by_noise_rate")))):
+        ranked, quality = label_issues(y, probs, str(a.get("filter_by", "prune_by_noise_rate")),
+                                       float(a.get("min_quality", 0.0)))
+        for rank, k in enumerate(ranked):
             s, i = where[k]
             issues.append({"path": splits[s]["paths"][i], "split": s, "label": classes[y[k]],
-                           "suggested": classes[int(np.argmax(probs[k]))],
+                           "suggested": classes[int(np.argmax(probs[k]))], "quality": round(float(quality[k]), 4),
                            "self_confidence": round(float(probs[k, y[k]]), 4),
                            "suggested_probability": round(float(probs[k].max()), 4), "rank": rank + 1})
     seconds["label_issues"] = time.perf_counter() - t
