@@ -105,7 +105,7 @@ def main(cfg: DictConfig) -> None:
                      "latency_1_ms": latency_ms(lambda b: keras_graph.predict(b, verbose=0), one, repeats),
                      "latency_32_ms": latency_ms(lambda b: keras_graph.predict(b, verbose=0), many, repeats),
                      "latency_1_call_ms": latency_ms(lambda b: keras_graph(b, training=False), one, repeats)}
-            seconds = {"saved_model_trace": convert["savedmodel"], "read_test_images": check.pop("read"),
+            seconds = {"saved_model_trace": convert.get("savedmodel", 0.0), "read_test_images": check.pop("read"),
                        "keras_check": check.pop("keras"), "keras_latency": time.perf_counter() - start}
             if mixed:
                 seconds["keras_float32_check"] = check.pop("keras_float32")

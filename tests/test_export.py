@@ -83,6 +83,24 @@ def test_every_format_gives_the_keras_models_probabilities_with_its_own_runtime(
     assert np.allclose(runtime.run(x[:1]), got[:1], atol=TOLERANCE[fmt])  # a batch of one (resized input)
 
 
+def test_every_format_names_its_input_image_and_its_output_probabilities(exported):
+    """The names models/export/model.json gives: signature keys (SavedModel, LiteRT), input/output names (ONNX)."""
+    import onnxruntime as ort
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, _, files = exported
+    signature = tf.saved_model.load(str(files["savedmodel"])).signatures["serving_default"]
+    assert list(signature.structured_input_signature[1]) == ["image"]
+    assert list(signature.structured_outputs) == ["probabilities"]
+    for fmt in TFLITE:
+        assert Interpreter(model_path=str(files[fmt])).get_signature_list() == {
+            "serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}}, fmt
+    session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities"]
+
+
 def test_the_graph_includes_preprocessing_tta_and_binary_probabilities():
     """Raw [0, 255] images in; a sigmoid model's (n, 1) as [1 - p, p], averaged with the mirror (tta: [flip])."""
     model = tiny_model(1)
@@ -223,6 +241,17 @@ def test_the_int8_calibration_set_is_drawn_from_the_training_images_with_the_see
     assert drawn(7) != first
     assert all(b[0].shape == (1, 16, 16, 3) and b[0].dtype == np.float32 for b in representative_set(paths, 16, 2, 1)())
     assert len(list(representative_set(paths, 16, 50, 1)())) == 12  # never more than there are
+
+
+def test_onnx_alone_is_converted_without_tracing_a_saved_model(exported, tmp_path):
+    _, graph, _ = exported
+    seconds: dict[str, float] = {}
+    files = export_files(graph, ["onnx"], tmp_path, seconds=seconds)
+    assert list(files) == list(seconds) == ["onnx"] and seconds["onnx"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    export_files(graph, ["litert_float16"], tmp_path / "lite", seconds=seconds)
+    assert set(seconds) == {"onnx", "savedmodel", "litert_float16"}  # LiteRT converts from a SavedModel
+    assert not (tmp_path / "lite/saved_model").exists()
 
 
 def test_bad_formats_and_an_accuracy_drop_are_one_line():

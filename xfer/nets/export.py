@@ -6,7 +6,8 @@ fixed input size S (resized by the caller, bilinear like :func:`xfer.nets.servin
 ``preprocess_input`` is inside. Output ``probabilities`` float32 (batch, classes), rows summing to one (binary
 models too: [p(class 0), p(class 1)]), classes in data/raw/classes.json order. ``tta: [flip]`` averages the
 image's and its mirror's probabilities inside the graph; a temperature in models/calibration.json (``{"temperature":
-T}``) is applied after that (probabilities -> log -> /T -> softmax). The int8 file is fully integer inside, with a
+T}``) is applied after that (probabilities -> log -> /T -> softmax). The names are the SavedModel's and LiteRT's
+``serving_default`` signature keys and ONNX's input and output names. The int8 file is fully integer inside, with a
 float32 input and output (the converter's quantize/dequantize ops at both ends), so callers feed the same floats.
 The converters get the model as it predicts: in float32 (whatever precision it was trained in) and without its
 augmentation layers. Running the files and timing them is :mod:`xfer.nets.runtimes`.
@@ -206,7 +207,7 @@ def compact_tflite(flatbuffer: bytes) -> bytes:
     """A LiteRT flatbuffer without the names of its inner tensors: the converter names each one after the
     TensorFlow ops fused into it (``exported_1/mobilenet_0.25_224_1/conv_pw_13_bn/FusedBatchNormV3;...``, up to
     hundreds of bytes each, about 9 % of a small int8 MobileNet). Nothing reads them at run time; the graph's input
-    and output tensors keep theirs, and the signature (``image`` in, ``probabilities_out`` out), the metadata and
+    and output tensors keep theirs, and the signature (``image`` in, ``probabilities`` out), the metadata and
     every buffer stay, so the Interpreter gives the same outputs. Buffers are written 16-byte aligned, as the
     schema asks (``force_align: 16``). The bytes are a function of the converter's (reproducible if those are)."""
     import flatbuffers
@@ -270,22 +271,29 @@ def export_files(graph: keras.Model, formats: list[str], folder: Path,
                  seconds: dict[str, float] | None = None) -> dict[str, Path]:
     """Write each format's file into ``folder`` (FORMATS names); ``representative`` yields ``[batch]`` lists of
     float32 images for the int8 calibration. A conversion failure is one XferError naming format and layer.
-    ``seconds`` receives each format's conversion time; ``savedmodel``'s is always there: the LiteRT converters
-    start from the SavedModel, so it is traced whatever the formats."""
+    ``seconds`` receives each format's conversion time; ``savedmodel``'s whenever a LiteRT format is listed too:
+    their converters start from the SavedModel (ONNX alone does not need it)."""
     import tempfile
+
+    import tensorflow as tf
 
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
     seconds = {} if seconds is None else seconds
+    # The same layers with the output keyed "probabilities": the SavedModel's and LiteRT's signature output and
+    # ONNX's output are then named so (a bare tensor would be "output_0" / "Identity:0").
+    named = keras.Model(graph.inputs, {"probabilities": graph.outputs[0]}, name=graph.name)
+    spec = tf.TensorSpec((None, *graph.input_shape[1:]), tf.float32, name="image")
     with tempfile.TemporaryDirectory() as tmp:
         saved = folder / FORMATS["savedmodel"] if "savedmodel" in formats else Path(tmp) / "saved_model"
-        start = time.perf_counter()
-        try:
-            with quiet():
-                graph.export(str(saved), format="tf_saved_model", verbose=False)
-        except Exception as exc:  # noqa: BLE001 - any converter failure becomes one line
-            raise _converter_failure("savedmodel", exc, graph) from None
-        seconds["savedmodel"] = time.perf_counter() - start
+        if "savedmodel" in formats or set(TFLITE) & set(formats):
+            start = time.perf_counter()
+            try:
+                with quiet():
+                    named.export(str(saved), format="tf_saved_model", verbose=False)
+            except Exception as exc:  # noqa: BLE001 - any converter failure becomes one line
+                raise _converter_failure("savedmodel", exc, graph) from None
+            seconds["savedmodel"] = time.perf_counter() - start
         if "savedmodel" in formats:
             out["savedmodel"] = saved
         for fmt in formats:
@@ -300,7 +308,7 @@ def export_files(graph: keras.Model, formats: list[str], folder: Path,
                     if fmt in TFLITE:
                         _tflite(saved, target, fmt, representative)
                     else:
-                        graph.export(str(target), format="onnx", verbose=False)
+                        named.export(str(target), format="onnx", verbose=False, input_signature=[spec])
                 if fmt == "onnx":
                     check_onnx(target, graph)
             except XferError:
