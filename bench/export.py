@@ -33,8 +33,8 @@ def table(report: dict) -> str:
             f"| Keras `predict` | {100 * k['test_accuracy']:.2f} % | | | | {k['size_mb']:.2f} (1.00) | "
             f"{k['latency_1_ms']:.1f} | {k['latency_32_ms']:.1f} |"]
     if "latency_1_call_ms" in k:
-        rows.append(f"| Keras `model(x)` (float32 copy: {100 * k['float32_test_accuracy']:.2f} %) | | | | | | "
-                    f"{k['latency_1_call_ms']:.1f} | |")
+        copy = "" if report.get("float32") else f" (float32 copy: {100 * k['float32_test_accuracy']:.2f} %)"
+        rows.append(f"| Keras `model(x)`{copy} | | | | | | {k['latency_1_call_ms']:.1f} | |")
     for fmt, r in report["formats"].items():
         rows.append(f"| {fmt} | {100 * r['test_accuracy']:.2f} % | {r['accuracy_diff_points']:+.2f} | "
                     f"{r['max_probability_diff']:.4f} ({r.get('max_probability_diff_float32', float('nan')):.4f}) | "

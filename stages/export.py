@@ -4,9 +4,10 @@ images against the Keras model.
 
 Outputs models/export/ (the files, and model.json describing input, output and classes), reports/export.json and
 reports/metrics/export.json (per format: test accuracy and its difference to the Keras model, largest probability
-difference, class agreement, size, single-image and batch-32 latency on this CPU). A format more than
-export.max_accuracy_drop points below the Keras model fails the stage and nothing is written. The files are logged
-to this stage's MLflow run and tagged on the model version evaluate registered.
+difference, class agreement, size, single-image and batch-32 latency on this CPU, and the seconds its conversion,
+check and latency timing took). A format more than export.max_accuracy_drop points below the Keras model fails
+the stage and nothing is written. The files are logged to this stage's MLflow run and tagged on the model version
+evaluate registered.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def main(cfg: DictConfig) -> None:
             write_json(tmp / "model.json", model_card(size, classes, tta, temperature, cfg.backbone.name, files))
             del runtimes
         report = {"cpu": cpu_name(), "test_images": len(y), "tta": tta, "temperature": temperature,
+                  "float32": not mixed,
                   "latency": f"median of {repeats} runs after 2 warm-ups; Keras: model.predict (latency_1_call_ms: "
                   "model(x) without predict's overhead) of the same graph",
                   "reference": "the Keras model as evaluate runs it (its own precision); max_probability_diff_float32: "

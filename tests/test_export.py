@@ -285,6 +285,10 @@ def test_the_stage_reports_each_format_against_the_keras_model(tiny_run):
     metrics = read_json(root / "reports/metrics/export.json")
     evaluate = read_json(root / "reports/metrics/evaluate.json")
     assert report["test_images"] == 12 and report["tta"] == ["flip"] and report["cpu"]
+    from xfer.nets.serving import Predictor
+
+    model = Predictor.load(root / "models/model.keras", root / "data/raw/classes.json").model
+    assert report["float32"] is computes_in_float32(model)  # whether the Keras reference needed a float32 copy
     assert report["keras"]["test_accuracy"] == pytest.approx(evaluate["test_accuracy"])
     assert set(report["formats"]) == set(FORMATS)
     for fmt, r in report["formats"].items():
