@@ -223,6 +223,8 @@ def test_timed_passes_runs_each_function_on_every_batch_once_read():
     assert read == [0, 1, 2] and out["double"].ravel().tolist() == [0, 0, 2, 2, 4, 4]
     assert out["same"].shape == (6, 1) and last.ravel().tolist() == [2, 2]
     assert set(seconds) == {"read", "double", "same"} and all(v >= 0 for v in seconds.values())
+    out, _, last = timed_passes({"same": lambda b: b}, iter([]))
+    assert last is None and out["same"].size == 0
 
 
 def test_the_int8_calibration_set_is_drawn_from_the_training_images_with_the_seed(tmp_path):

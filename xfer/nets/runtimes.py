@@ -154,7 +154,8 @@ def timed_passes(runs: dict[str, Callable[[np.ndarray], np.ndarray]], batches: I
             start = time.perf_counter()
             outputs[name].append(run(batch))
             seconds[name] += time.perf_counter() - start
-    return {name: np.concatenate(out) for name, out in outputs.items()}, seconds, batch
+    joined = {name: np.concatenate(out) if out else np.empty(0, np.float32) for name, out in outputs.items()}
+    return joined, seconds, batch
 
 
 def cpu_name() -> str:
