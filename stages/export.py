@@ -4,15 +4,17 @@ images against the Keras model.
 
 Outputs models/export/ (the files, and model.json describing input, output and classes), reports/export.json and
 reports/metrics/export.json (per format: test accuracy and its difference to the Keras model, largest probability
-difference, class agreement, size, single-image and batch-32 latency on this CPU). A format more than
-export.max_accuracy_drop points below the Keras model fails the stage and nothing is written. The files are logged
-to this stage's MLflow run and tagged on the model version evaluate registered.
+difference, class agreement, size, single-image and batch-32 latency on this CPU, and the seconds its conversion,
+check and latency timing took). A format more than export.max_accuracy_drop points below the Keras model fails
+the stage and nothing is written. The files are logged to this stage's MLflow run and tagged on the model version
+evaluate registered.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,15 +43,16 @@ def main(cfg: DictConfig) -> None:
         agreement,
         check_drop,
         check_formats,
+        computes_in_float32,
         digest,
         export_files,
         export_graph,
-        float32_model,
+        model_card,
         read_temperature,
         representative_set,
         size_bytes,
     )
-    from xfer.nets.runtimes import Runtime, cpu_name, latency_ms
+    from xfer.nets.runtimes import Runtime, cpu_name, latency_ms, timed_passes
     from xfer.nets.serving import Predictor, evaluate_tta
     from xfer.track.summary import tag_model_version
 
@@ -69,25 +72,27 @@ def main(cfg: DictConfig) -> None:
         size = int(model.input_shape[1])
         keras_graph = export_graph(model, tta, temperature, float32=False)
         graph = export_graph(model, tta, temperature)
-        mixed = float32_model(model) is not model
+        # a second Keras pass only when the model's precision is not float32 (its augmentation layers, identity
+        # at inference, change nothing the float32 copy would predict)
+        mixed = not computes_in_float32(model)
         rep = representative_set(image_paths(read_manifest("train")), size, int(e.representative_images), int(cfg.seed))
         with atomic_dir(EXPORT) as tmp:
-            files = export_files(graph, formats, tmp, rep)
+            convert: dict[str, float] = {}
+            files = export_files(graph, formats, tmp, rep, convert)
             runtimes = {fmt: Runtime(path) for fmt, path in files.items()}
             # The reference is the Keras model as evaluate ran it (in its own precision); when that is not float32,
             # the float32 graph the converters saw is also compared (what conversion alone changes).
-            reference, ref32, probs = [], [], {fmt: [] for fmt in files}
-            for x, _ in image_dataset(image_paths(test), y, size, 32):
-                batch = x.numpy()
-                reference.append(keras_graph.predict(batch, verbose=0, batch_size=32))
-                ref32.append(graph.predict(batch, verbose=0, batch_size=32) if mixed else reference[-1])
-                for fmt, rt in runtimes.items():
-                    probs[fmt].append(rt.run(batch))
-            reference, ref32 = np.concatenate(reference), np.concatenate(ref32)
+            runs = {"keras": lambda b: keras_graph.predict(b, verbose=0, batch_size=32),
+                    **{fmt: rt.run for fmt, rt in runtimes.items()}}
+            if mixed:
+                runs["keras_float32"] = lambda b: graph.predict(b, verbose=0, batch_size=32)
+            probs, check, batch = timed_passes(runs, (x.numpy() for x, _ in image_dataset(image_paths(test), y,
+                                                                                        size, 32)))
+            reference = probs.pop("keras")
+            ref32 = probs.pop("keras_float32", reference)
             ref_acc = float(np.mean(reference.argmax(1) == y))
-            results = {fmt: agreement(y, reference, np.concatenate(p)) for fmt, p in probs.items()}
+            results = {fmt: agreement(y, reference, p) for fmt, p in probs.items()}
             for fmt, p in probs.items():
-                p = np.concatenate(p)
                 results[fmt]["max_probability_diff_float32"] = float(np.abs(p - ref32).max())
                 # what stays the same when a converter's bytes do not (SavedModel, ONNX): the test predictions
                 results[fmt]["predictions_sha256"] = hashlib.sha256(np.round(p, 4).astype("<f4").tobytes()).hexdigest()
@@ -95,34 +100,40 @@ def main(cfg: DictConfig) -> None:
                 check_drop(fmt, r["test_accuracy"], ref_acc, float(e.max_accuracy_drop))
             float32_bytes = 4 * int(model.count_params())
             one, many = batch[:1], np.concatenate([batch] * -(-32 // len(batch)))[:32]
-            repeats = int(e.latency_repeats)
+            repeats, start = int(e.latency_repeats), time.perf_counter()
             keras = {"test_accuracy": ref_acc, "float32_test_accuracy": float(np.mean(ref32.argmax(1) == y)),
                      "size_mb": float32_bytes / 1e6, "size_vs_float32": 1.0,
                      "latency_1_ms": latency_ms(lambda b: keras_graph.predict(b, verbose=0), one, repeats),
                      "latency_32_ms": latency_ms(lambda b: keras_graph.predict(b, verbose=0), many, repeats),
                      "latency_1_call_ms": latency_ms(lambda b: keras_graph(b, training=False), one, repeats)}
+            seconds = {"saved_model_trace": convert.get("savedmodel", 0.0), "read_test_images": check.pop("read"),
+                       "keras_check": check.pop("keras"), "keras_latency": time.perf_counter() - start}
+            if mixed:
+                seconds["keras_float32_check"] = check.pop("keras_float32")
             for fmt, r in results.items():
-                rt = runtimes[fmt]
+                rt, start = runtimes[fmt], time.perf_counter()
                 r.update(file=FORMATS[fmt], sha256=digest(files[fmt]), size_mb=size_bytes(files[fmt]) / 1e6,
                          size_vs_float32=size_bytes(files[fmt]) / float32_bytes,
                          latency_1_ms=latency_ms(rt.run, one, repeats), latency_32_ms=latency_ms(rt.run, many, repeats))
                 r["speedup_1"] = keras["latency_1_ms"] / r["latency_1_ms"]
-            write_json(tmp / "model.json", {
-                "input": {"name": "image", "dtype": "float32", "shape": [None, size, size, 3],
-                          "values": "RGB in [0, 255], resized by the caller (bilinear) to the fixed size"},
-                "output": {"name": "probabilities", "dtype": "float32", "shape": [None, len(classes)]},
-                "classes": classes, "tta": tta, "temperature": temperature, "backbone": cfg.backbone.name,
-                "files": {fmt: FORMATS[fmt] for fmt in files}})
+                r["seconds"] = {"convert": convert[fmt], "check": check[fmt], "latency": time.perf_counter() - start}
+            write_json(tmp / "model.json", model_card(size, classes, tta, temperature, cfg.backbone.name, files))
             del runtimes
         report = {"cpu": cpu_name(), "test_images": len(y), "tta": tta, "temperature": temperature,
+                  "float32": not mixed,
                   "latency": f"median of {repeats} runs after 2 warm-ups; Keras: model.predict (latency_1_call_ms: "
                   "model(x) without predict's overhead) of the same graph",
                   "reference": "the Keras model as evaluate runs it (its own precision); max_probability_diff_float32: "
                   "against the float32 graph the converters were given",
-                  "keras": keras, "formats": results}
+                  "seconds": "wall time of each format's conversion, check (its runtime on the test images) and "
+                  "latency timing; saved_model_trace: the SavedModel the LiteRT converters start from (savedmodel's "
+                  "conversion, paid for any LiteRT format too)", "stage_seconds": seconds, "keras": keras,
+                  "formats": results}
         write_json(REPORT, report)
         flat = {f"keras_{k}": round(float(v), 6) for k, v in keras.items()}
         flat.update({f"{fmt}_{k}": round(float(r[k]), 6) for fmt, r in results.items() for k in COMPARED})
+        flat.update({f"{fmt}_{k}_seconds": round(v, 3) for fmt, r in results.items() for k, v in r["seconds"].items()})
+        flat.update({f"{k}_seconds": round(v, 3) for k, v in seconds.items()})
         write_json(METRICS / "export.json", flat)
         log_metrics(flat)
         log_dict(report, "export.json")

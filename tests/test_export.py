@@ -16,8 +16,12 @@ from xfer.core.files import read_json
 from xfer.nets.backbones import Preprocess
 from xfer.nets.export import (
     FORMATS,
+    TFLITE,
+    _tflite,
     check_drop,
     check_formats,
+    compact_tflite,
+    computes_in_float32,
     digest,
     export_files,
     export_graph,
@@ -25,7 +29,7 @@ from xfer.nets.export import (
     read_temperature,
     representative_set,
 )
-from xfer.nets.runtimes import Runtime
+from xfer.nets.runtimes import Runtime, timed_passes
 
 # Largest |probability difference| to the Keras model: float32 runtimes sum in another order (1e-4, see
 # conftest.FLOAT32_ATOL); float16 weights round to 11 bits; int8 quantizes every activation to 256 levels.
@@ -79,6 +83,24 @@ def test_every_format_gives_the_keras_models_probabilities_with_its_own_runtime(
     assert np.allclose(runtime.run(x[:1]), got[:1], atol=TOLERANCE[fmt])  # a batch of one (resized input)
 
 
+def test_every_format_names_its_input_image_and_its_output_probabilities(exported):
+    """The names models/export/model.json gives: signature keys (SavedModel, LiteRT), input/output names (ONNX)."""
+    import onnxruntime as ort
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, _, files = exported
+    signature = tf.saved_model.load(str(files["savedmodel"])).signatures["serving_default"]
+    assert list(signature.structured_input_signature[1]) == ["image"]
+    assert list(signature.structured_outputs) == ["probabilities"]
+    for fmt in TFLITE:
+        assert Interpreter(model_path=str(files[fmt])).get_signature_list() == {
+            "serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}}, fmt
+    session = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities"]
+
+
 def test_the_graph_includes_preprocessing_tta_and_binary_probabilities():
     """Raw [0, 255] images in; a sigmoid model's (n, 1) as [1 - p, p], averaged with the mirror (tta: [flip])."""
     model = tiny_model(1)
@@ -118,6 +140,8 @@ def test_a_mixed_precision_model_is_exported_in_float32_without_its_augmentation
     finally:
         keras.mixed_precision.set_global_policy("float32")
     copy = float32_model(model)
+    assert not computes_in_float32(model) and computes_in_float32(copy)
+    assert computes_in_float32(tiny_model(3, augment=True))  # augmentation alone needs no second Keras pass
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
     assert copy.get_layer("random_flip").__class__.__name__ == "Identity"
     assert "mixed_bfloat16" in {layer.dtype_policy.name for layer in model.layers}
@@ -158,6 +182,51 @@ def test_litert_files_are_byte_reproducible_and_every_format_repeats_its_predict
         assert np.array_equal(Runtime(again[fmt]).run(x), Runtime(first[fmt]).run(x)), fmt
 
 
+@pytest.mark.parametrize("fmt", TFLITE)
+def test_litert_files_drop_inner_tensor_names_and_keep_the_input_output_and_signature(exported, tmp_path, fmt):
+    """compact_tflite: the converter's fused op names go; the Interpreter sees the same input, output and signature
+    and gives the same probabilities as the converter's own file; the bytes are the compacted converter bytes."""
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    _, _, files = exported
+    raw = tmp_path / "raw.tflite"
+    _tflite(files["savedmodel"], raw, fmt, representative, compact=False)
+    assert compact_tflite(raw.read_bytes()) == files[fmt].read_bytes()  # reproducible: the stage's file, compacted
+    model, before = flatbuffer_utils.read_model(str(files[fmt])), flatbuffer_utils.read_model(str(raw))
+    graph, raw_graph = model.subgraphs[0], before.subgraphs[0]
+    io = {int(i) for i in [*graph.inputs, *graph.outputs]}
+    assert len(io) == 2 and all(not t.name for i, t in enumerate(graph.tensors) if i not in io)
+    assert sum(len(t.name or b"") for t in raw_graph.tensors) > 40 * len(io)  # the converter's names were long
+    assert [graph.tensors[i].name for i in io] == [raw_graph.tensors[i].name for i in io]
+    assert b"image" in graph.tensors[int(graph.inputs[0])].name
+    assert [[(t.name, t.tensorIndex) for t in s.inputs + s.outputs] for s in model.signatureDefs] == [
+        [(t.name, t.tensorIndex) for t in s.inputs + s.outputs] for s in before.signatureDefs]
+    assert len(model.buffers) == len(before.buffers) and len(graph.operators) == len(raw_graph.operators)
+    assert files[fmt].stat().st_size < raw.stat().st_size
+    x = images(8)
+    assert np.array_equal(Runtime(files[fmt]).run(x), Runtime(raw).run(x))
+    runner = Interpreter(model_path=str(files[fmt])).get_signature_runner("serving_default")
+    (got,) = runner(image=x[:1]).values()
+    assert np.array_equal(got, Runtime(raw).run(x[:1]))
+
+
+def test_timed_passes_runs_each_function_on_every_batch_once_read():
+    read = []
+
+    def batches():
+        for i in range(3):
+            read.append(i)
+            yield np.full((2, 1), i, np.float32)
+
+    out, seconds, last = timed_passes({"double": lambda b: 2 * b, "same": lambda b: b}, batches())
+    assert read == [0, 1, 2] and out["double"].ravel().tolist() == [0, 0, 2, 2, 4, 4]
+    assert out["same"].shape == (6, 1) and last.ravel().tolist() == [2, 2]
+    assert set(seconds) == {"read", "double", "same"} and all(v >= 0 for v in seconds.values())
+    out, _, last = timed_passes({"same": lambda b: b}, iter([]))
+    assert last is None and out["same"].size == 0
+
+
 def test_the_int8_calibration_set_is_drawn_from_the_training_images_with_the_seed(tmp_path):
     from PIL import Image
 
@@ -174,6 +243,17 @@ def test_the_int8_calibration_set_is_drawn_from_the_training_images_with_the_see
     assert drawn(7) != first
     assert all(b[0].shape == (1, 16, 16, 3) and b[0].dtype == np.float32 for b in representative_set(paths, 16, 2, 1)())
     assert len(list(representative_set(paths, 16, 50, 1)())) == 12  # never more than there are
+
+
+def test_onnx_alone_is_converted_without_tracing_a_saved_model(exported, tmp_path):
+    _, graph, _ = exported
+    seconds: dict[str, float] = {}
+    files = export_files(graph, ["onnx"], tmp_path, seconds=seconds)
+    assert list(files) == list(seconds) == ["onnx"] and seconds["onnx"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    export_files(graph, ["litert_float16"], tmp_path / "lite", seconds=seconds)
+    assert set(seconds) == {"onnx", "savedmodel", "litert_float16"}  # LiteRT converts from a SavedModel
+    assert not (tmp_path / "lite/saved_model").exists()
 
 
 def test_bad_formats_and_an_accuracy_drop_are_one_line():
@@ -207,6 +287,10 @@ def test_the_stage_reports_each_format_against_the_keras_model(tiny_run):
     metrics = read_json(root / "reports/metrics/export.json")
     evaluate = read_json(root / "reports/metrics/evaluate.json")
     assert report["test_images"] == 12 and report["tta"] == ["flip"] and report["cpu"]
+    from xfer.nets.serving import Predictor
+
+    model = Predictor.load(root / "models/model.keras", root / "data/raw/classes.json").model
+    assert report["float32"] is computes_in_float32(model)  # whether the Keras reference needed a float32 copy
     assert report["keras"]["test_accuracy"] == pytest.approx(evaluate["test_accuracy"])
     assert set(report["formats"]) == set(FORMATS)
     for fmt, r in report["formats"].items():
@@ -217,6 +301,11 @@ def test_the_stage_reports_each_format_against_the_keras_model(tiny_run):
         assert len(r["sha256"]) == len(r["predictions_sha256"]) == 64
         for key in ("test_accuracy", "accuracy_diff_points", "size_mb", "latency_1_ms", "latency_32_ms"):
             assert metrics[f"{fmt}_{key}"] == pytest.approx(r[key], abs=1e-6)
+        assert set(r["seconds"]) == {"convert", "check", "latency"} and all(v > 0 for v in r["seconds"].values())
+        assert all(metrics[f"{fmt}_{k}_seconds"] == pytest.approx(v, abs=1e-3) for k, v in r["seconds"].items())
+    assert set(report["stage_seconds"]) == {"saved_model_trace", "read_test_images", "keras_check", "keras_latency"}
+    assert metrics["saved_model_trace_seconds"] == pytest.approx(report["formats"]["savedmodel"]["seconds"]["convert"],
+                                                                 abs=1e-3)
     sizes = {fmt: r["size_vs_float32"] for fmt, r in report["formats"].items()}
     assert sizes["litert_int8"] < sizes["litert_float16"] < 1.0 < sizes["onnx"] * 1.5
     card = read_json(root / "models/export/model.json")

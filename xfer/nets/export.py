@@ -6,7 +6,8 @@ fixed input size S (resized by the caller, bilinear like :func:`xfer.nets.servin
 ``preprocess_input`` is inside. Output ``probabilities`` float32 (batch, classes), rows summing to one (binary
 models too: [p(class 0), p(class 1)]), classes in data/raw/classes.json order. ``tta: [flip]`` averages the
 image's and its mirror's probabilities inside the graph; a temperature in models/calibration.json (``{"temperature":
-T}``) is applied after that (probabilities -> log -> /T -> softmax). The int8 file is fully integer inside, with a
+T}``) is applied after that (probabilities -> log -> /T -> softmax). The names are the SavedModel's and LiteRT's
+``serving_default`` signature keys and ONNX's input and output names. The int8 file is fully integer inside, with a
 float32 input and output (the converter's quantize/dequantize ops at both ends), so callers feed the same floats.
 The converters get the model as it predicts: in float32 (whatever precision it was trained in) and without its
 augmentation layers. Running the files and timing them is :mod:`xfer.nets.runtimes`.
@@ -15,6 +16,7 @@ augmentation layers. Running the files and timing them is :mod:`xfer.nets.runtim
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -86,11 +88,15 @@ def _copy_weights(source: keras.Model, target: keras.Model) -> None:
             b.set_weights(a.get_weights())
 
 
+def computes_in_float32(model: keras.Model) -> bool:
+    """Whether every layer of the model (nested ones too) computes in float32."""
+    return all(layer.dtype_policy.name == "float32" for layer in _all_layers(model))
+
+
 def float32_model(model: keras.Model) -> keras.Model:
     """The model as it predicts, for the converters: computing in float32 (LiteRT and ONNX need it; it may have been
     trained under a mixed bfloat16/float16 policy) and without its augmentation layers, with the same weights."""
-    layers = _all_layers(model)
-    if all(layer.dtype_policy.name == "float32" for layer in layers) and not any(map(_is_augmentation, layers)):
+    if computes_in_float32(model) and not any(map(_is_augmentation, _all_layers(model))):
         return model
 
     def fix(node):
@@ -179,17 +185,70 @@ def _all_layers(model: keras.Model) -> list:
     return out
 
 
-def _tflite(saved_model: Path, target: Path, fmt: str, representative: Callable[[], Iterable] | None) -> None:
+def _tflite(saved_model: Path, target: Path, fmt: str, representative: Callable[[], Iterable] | None,
+            compact: bool = True) -> None:
+    """Convert a SavedModel to LiteRT: ``litert_float16``, ``litert_int8`` (full integer, calibrated on
+    ``representative``) or ``litert_float32`` (no optimization: the size reference of bench/export.py); then
+    :func:`compact_tflite` unless ``compact=False``."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if fmt == "litert_float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
-    else:
+    elif fmt == "litert_int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    target.write_bytes(converter.convert())
+    target.write_bytes(compact_tflite(converter.convert()) if compact else converter.convert())
+
+
+def compact_tflite(flatbuffer: bytes) -> bytes:
+    """A LiteRT flatbuffer without the names of its inner tensors: the converter names each one after the
+    TensorFlow ops fused into it (``exported_1/mobilenet_0.25_224_1/conv_pw_13_bn/FusedBatchNormV3;...``, up to
+    hundreds of bytes each, about 9 % of a small int8 MobileNet). Nothing reads them at run time; the graph's input
+    and output tensors keep theirs, and the signature (``image`` in, ``probabilities`` out), the metadata and
+    every buffer stay, so the Interpreter gives the same outputs. Buffers are written 16-byte aligned, as the
+    schema asks (``force_align: 16``). The bytes are a function of the converter's (reproducible if those are)."""
+    import flatbuffers
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    for j, graph in enumerate(model.subgraphs):
+        kept = {int(i) for i in [*graph.inputs, *graph.outputs]}
+        kept |= {t.tensorIndex for s in model.signatureDefs or [] if s.subgraphIndex == j
+                 for t in [*(s.inputs or []), *(s.outputs or [])]}
+        for i, tensor in enumerate(graph.tensors):
+            if i not in kept:
+                tensor.name = None
+    model.buffers = [_AlignedBuffer(b) for b in model.buffers]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+class _AlignedBuffer:
+    """A LiteRT ``BufferT`` that packs its bytes 16-byte aligned (the generated Python code aligns to 1)."""
+
+    def __init__(self, buffer):
+        self.buffer = buffer
+
+    def Pack(self, builder):  # noqa: N802 - the flatbuffers object API's name
+        from tensorflow.lite.python import schema_py_generated as schema
+
+        b, data = self.buffer, None
+        if b.data is not None:
+            payload = np.asarray(b.data, dtype=np.uint8).tobytes()
+            builder.StartVector(1, len(payload), 16)
+            builder.head -= len(payload)
+            builder.Bytes[builder.head:builder.head + len(payload)] = payload
+            data = builder.EndVector()
+        schema.BufferStart(builder)
+        if data is not None:
+            schema.BufferAddData(builder, data)
+        schema.BufferAddOffset(builder, b.offset)
+        schema.BufferAddSize(builder, b.size)
+        return schema.BufferEnd(builder)
 
 
 def representative_set(paths: list[str], size: int, n: int, seed: int):
@@ -208,20 +267,33 @@ def representative_set(paths: list[str], size: int, n: int, seed: int):
 
 
 def export_files(graph: keras.Model, formats: list[str], folder: Path,
-                 representative: Callable[[], Iterable] | None = None) -> dict[str, Path]:
+                 representative: Callable[[], Iterable] | None = None,
+                 seconds: dict[str, float] | None = None) -> dict[str, Path]:
     """Write each format's file into ``folder`` (FORMATS names); ``representative`` yields ``[batch]`` lists of
-    float32 images for the int8 calibration. A conversion failure is one XferError naming format and layer."""
+    float32 images for the int8 calibration. A conversion failure is one XferError naming format and layer.
+    ``seconds`` receives each format's conversion time; ``savedmodel``'s whenever a LiteRT format is listed too:
+    their converters start from the SavedModel (ONNX alone does not need it)."""
     import tempfile
+
+    import tensorflow as tf
 
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
+    seconds = {} if seconds is None else seconds
+    # The same layers with the output keyed "probabilities": the SavedModel's and LiteRT's signature output and
+    # ONNX's output are then named so (a bare tensor would be "output_0" / "Identity:0").
+    named = keras.Model(graph.inputs, {"probabilities": graph.outputs[0]}, name=graph.name)
+    spec = tf.TensorSpec((None, *graph.input_shape[1:]), tf.float32, name="image")
     with tempfile.TemporaryDirectory() as tmp:
         saved = folder / FORMATS["savedmodel"] if "savedmodel" in formats else Path(tmp) / "saved_model"
-        try:
-            with quiet():
-                graph.export(str(saved), format="tf_saved_model", verbose=False)
-        except Exception as exc:  # noqa: BLE001 - any converter failure becomes one line
-            raise _converter_failure("savedmodel", exc, graph) from None
+        if "savedmodel" in formats or set(TFLITE) & set(formats):
+            start = time.perf_counter()
+            try:
+                with quiet():
+                    named.export(str(saved), format="tf_saved_model", verbose=False)
+            except Exception as exc:  # noqa: BLE001 - any converter failure becomes one line
+                raise _converter_failure("savedmodel", exc, graph) from None
+            seconds["savedmodel"] = time.perf_counter() - start
         if "savedmodel" in formats:
             out["savedmodel"] = saved
         for fmt in formats:
@@ -230,20 +302,32 @@ def export_files(graph: keras.Model, formats: list[str], folder: Path,
             target = folder / FORMATS[fmt]
             if fmt == "litert_int8" and representative is None:
                 raise XferError("export litert_int8: no representative images for the int8 calibration")
+            start = time.perf_counter()
             try:
                 with quiet():
                     if fmt in TFLITE:
                         _tflite(saved, target, fmt, representative)
                     else:
-                        graph.export(str(target), format="onnx", verbose=False)
+                        named.export(str(target), format="onnx", verbose=False, input_signature=[spec])
                 if fmt == "onnx":
                     check_onnx(target, graph)
             except XferError:
                 raise
             except Exception as exc:  # noqa: BLE001
                 raise _converter_failure(fmt, exc, graph) from None
+            seconds[fmt] = time.perf_counter() - start
             out[fmt] = target
     return out
+
+
+def model_card(size: int, classes: list[str], tta: Iterable[str], temperature: float | None, backbone: str,
+               files: Iterable[str]) -> dict:
+    """models/export/model.json: what every exported file takes and returns (see the module doc)."""
+    return {"input": {"name": "image", "dtype": "float32", "shape": [None, size, size, 3],
+                      "values": "RGB in [0, 255], resized by the caller (bilinear) to the fixed size"},
+            "output": {"name": "probabilities", "dtype": "float32", "shape": [None, len(classes)]},
+            "classes": list(classes), "tta": list(tta), "temperature": temperature, "backbone": backbone,
+            "files": {fmt: FORMATS[fmt] for fmt in files}}
 
 
 def size_bytes(path: Path) -> int:

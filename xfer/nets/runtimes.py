@@ -9,7 +9,7 @@ import io
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,28 @@ def latency_ms(run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: 
         run(batch)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def timed_passes(runs: dict[str, Callable[[np.ndarray], np.ndarray]], batches: Iterable[np.ndarray]
+                 ) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray | None]:
+    """``runs[name](batch)`` for every name on each batch (read once): the outputs concatenated per name, the
+    seconds each name took (``read``: producing the batches), and the last batch (None when there was none)."""
+    outputs: dict[str, list] = {name: [] for name in runs}
+    seconds = dict.fromkeys(["read", *runs], 0.0)
+    batch, batches = None, iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch_ = next(batches, None)
+        seconds["read"] += time.perf_counter() - start
+        if batch_ is None:
+            break
+        batch = batch_
+        for name, run in runs.items():
+            start = time.perf_counter()
+            outputs[name].append(run(batch))
+            seconds[name] += time.perf_counter() - start
+    joined = {name: np.concatenate(out) if out else np.empty(0, np.float32) for name, out in outputs.items()}
+    return joined, seconds, batch
 
 
 def cpu_name() -> str:
