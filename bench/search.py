@@ -123,7 +123,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    print(out.strip().splitlines()[-1])
+    print("\n".join(line for line in out.splitlines() if line.startswith(("search:", "baseline"))))
     trials = trial_seconds(out)
     report = json.loads(next((proj / "reports/search").glob("*.json")).read_text())
     preset = scores(proj, env, args.seeds, [])

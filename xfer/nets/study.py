@@ -238,6 +238,8 @@ def run(args) -> int:
     started = time.perf_counter()
     interrupted = False
     try:
+        if space.fine_tunes:
+            objective.boundary()  # once per search, before the trials: their seconds are their own
         base = baseline(study, objective)
         print(f"baseline (params.yaml): cv_accuracy {np.mean(base):.4f} ± {np.std(base):.4f}", flush=True)
         study.optimize(objective, n_trials=n_trials, timeout=args.timeout, gc_after_trial=True)
