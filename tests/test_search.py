@@ -306,6 +306,10 @@ def test_a_finetune_trial_runs_the_finetune_stages_fit_on_the_folds(tmp_path, mo
         bd = objective.bd
         assert len(calls) == 2 and bd.source == "trunk cache" and bd.k == 1
         held = min(len(h) for _, h in objective.folds)
+        # the rows line up: the top at its cached weights maps the boundary activations to the cached features
+        from xfer.nets.search import pool
+
+        assert_features_close(pool(np.asarray(bd.top.predict(bd.acts, verbose=0)), "gap"), objective.data_for("gap").x)
         assert np.allclose(frozen, off, atol=1.01 / held), (frozen, off)  # at most one image flips per fold
         calls.clear()
         tuned = objective.score({"finetune.enabled": True, "finetune.learning_rate": 1e-3})
