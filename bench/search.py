@@ -3,12 +3,14 @@
 usage: python bench/search.py ARCHIVE WEIGHTS [--split 500 150 400] [--preset mobilenet-offline] [--seeds 42 1 2]
            [--trials 30] [--space default] [--work DIR] [OVERRIDE ...]
 e.g.   python bench/search.py ../shared/data/petimages-dev.zip ../shared/data/weights/mobilenet_2_5_224_tf_no_top.h5
+       python bench/search.py ARCHIVE WEIGHTS --space finetune --trials 10    # head + fine-tuning trials
        python bench/search.py ../shared/data/intel-scenes-dev.zip WEIGHTS --split 0.6 0.2 0.2 data=archive
 A copy of the project in --work downloads, splits and featurizes the archive once (seed 42). `xfer search` then runs
-its trials (wall time measured, as is the CPU time of the process, to judge a shared machine); the winner's preset
-(conf/experiment/search-*.yaml) and the starting preset are each trained and evaluated per seed
-(`python -m stages.<stage> seed=<s>` for train_head, finetune, evaluate: the test set is read only here). Prints test
-accuracy and ECE (calibrated, and before calibration) mean ± std for both, and the search's figures.
+its trials (wall time measured, as is the CPU time of the process, to judge a shared machine; each trial's seconds
+as it printed them); the best trial (adopted by the significance rule or not: the report says which) and the
+starting preset are each trained and evaluated per seed (`python -m stages.<stage> seed=<s>` for trunk, train_head,
+finetune, evaluate: the test set is read only here). Prints test accuracy and ECE (calibrated, and before
+calibration) mean ± std for both, and the search's figures.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from determinism import cpu  # noqa: E402
 from vs_reference import sh  # noqa: E402
 
-TRAIN = ["train_head", "finetune", "evaluate"]
+TRAIN = ["trunk", "train_head", "finetune", "evaluate"]  # trunk: instant unless the model fine-tunes on its views
 QUIET = ["evaluate.register=false", "evaluate.misclassified=0", "evaluate.correct_per_class=0"]
 
 
@@ -72,6 +74,20 @@ def scores(proj: Path, env: dict, seeds: list[int], overrides: list[str]) -> dic
     return out
 
 
+def trial_seconds(out: str) -> dict[str, list[float]]:
+    """Each trial's seconds from the search's lines (``trial N: ... (S s) key=value ...``), by kind."""
+    import re
+
+    kinds: dict[str, list[float]] = {"complete": [], "complete, fine-tuned": [], "complete, head only": [],
+                                     "pruned": []}
+    for m in re.finditer(r"^trial \d+: (.*?) \(([\d.]+) s\)(.*)$", out, re.M):
+        what, secs, point = m.groups()
+        kind = "pruned" if what.startswith("pruned") else "complete, fine-tuned" if "finetune.enabled=True" in point \
+            else "complete, head only" if "finetune.enabled=False" in point else "complete"
+        kinds[kind].append(float(secs))
+    return kinds
+
+
 def shown(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values) * scale:.{digits}f} ± {sd * scale:.{digits}f}"
@@ -107,12 +123,20 @@ def main() -> None:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    print(out.strip().splitlines()[-1])
+    print("\n".join(line for line in out.splitlines() if line.startswith(("search:", "baseline"))))
+    trials = trial_seconds(out)
     report = json.loads(next((proj / "reports/search").glob("*.json")).read_text())
     preset = scores(proj, env, args.seeds, [])
+    winner = report.get("winner_values", report["preset_values"])
     searched = scores(proj, env, args.seeds, [f"{k}={json.dumps(v) if isinstance(v, list) else v}"
-                                              for k, v in report["preset_values"].items()])
+                                              for k, v in winner.items()])
     print(f"\n{args.archive}, split {'/'.join(args.split)}, {args.preset}; seeds {args.seeds}; CPU: {cpu()}")
+    for kind, secs in trials.items():
+        if secs:
+            print(f"trial seconds, {kind}: mean {statistics.mean(secs):.1f}, min {min(secs):.1f}, max {max(secs):.1f}"
+                  f" ({len(secs)} trials)")
+    verdict = "adopted" if report.get("adopted") else "not adopted (the search's preset keeps the starting params)"
+    print(f"winner: {winner}; {verdict}")
     trials = report["trials_complete"] + report["trials_pruned"]
     print(f"search: {trials} trials ({report['trials_complete']} complete, {report['trials_pruned']} pruned) in "
           f"{wall:.0f} s wall, {cpu_s:.0f} s CPU (process and children); CV gain {report['gain'] * 100:+.2f} ± "

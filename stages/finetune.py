@@ -22,36 +22,12 @@ from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_path, write_json
 from xfer.data.paths import FINAL_MODEL, HEAD_MODEL, METRICS, PLOTS, image_paths, load_features, read_manifest
+from xfer.nets.finetune import assemble, compile_finetune, fit_finetune, unfreeze_top
 from xfer.track.figures import log_figure, training_curves
 from xfer.track.recorder import log_artifact, log_metric, log_metrics, log_param, log_params
 from xfer.track.runs import epoch_logger, fit_metrics, log_inputs, stage_run
 
 TRANSPLANT_TOLERANCE = 1e-3
-
-
-def assemble(cfg: DictConfig, head, seed: int):
-    """Image model: augmentation -> preprocessing -> base (cache weights, inference mode) -> head."""
-    import keras
-
-    from xfer.nets.backbones import cached_base
-    from xfer.nets.models import augmentation
-
-    base, _ = cached_base(cfg.backbone)
-    base.trainable = False
-    size = int(cfg.backbone.image_size)
-    inputs = keras.Input((size, size, 3), name="image")
-    x = augmentation(cfg.finetune.augment, seed)(inputs)
-    x = base(x, training=False)
-    outputs = head(x)
-    return keras.Model(inputs, outputs, name=f"{cfg.backbone.name}_classifier"), base
-
-
-def unfreeze_top(base, boundary: str) -> int:
-    """Make the backbone trainable from ``boundary`` on, BatchNorm excluded; return the unfrozen layer count."""
-    from xfer.nets.backbones import backbone_cnn, unfreeze_from
-
-    base.trainable = True  # recursive; unfreeze_from then re-freezes below the boundary and every BatchNorm
-    return unfreeze_from(backbone_cnn(base), boundary)
 
 
 def transplant_check(model, head, cfg: DictConfig) -> float:
@@ -75,7 +51,7 @@ def main(cfg: DictConfig) -> None:
     from xfer.core.distribute import check_loss_scaling, distributed, strategy_for
     from xfer.core.runtime import progress_bar, seed_everything, use_jit, xla_errors
     from xfer.nets.boundary import fit_plan
-    from xfer.nets.models import class_weights, compile_model, save_model, training_callbacks
+    from xfer.nets.models import compile_model, save_model
 
     strategy = strategy_for(cfg.runtime.strategy, cfg.runtime.jit)  # first: it may set up TensorFlow's devices
     seed = int(cfg.seed)
@@ -103,19 +79,14 @@ def main(cfg: DictConfig) -> None:
                 check_loss_scaling(strategy)
                 jit = use_jit(cfg.runtime.jit, cfg.runtime.deterministic)
                 log_param("jit_used", jit)
-                plan = fit_plan(cfg, model, base, head,  # compiles after `trainable`
+                plan = fit_plan(cfg, model, base, head,  # compiles the validation model, after `trainable`
                                 lambda m, steps: compile_model(m, f, n_classes, steps_per_epoch=steps, jit=jit))
-                best = Path(tmp) / "best.weights.h5"
+                compile_finetune(plan.model, f, n_classes, plan.steps, jit)
                 timer = epoch_logger()
-                callbacks = training_callbacks(best, f, [keras.callbacks.CSVLogger(str(curves)), timer,
-                                                         progress_bar("finetune")])
-                weights = class_weights(read_manifest("train")["label"], f.class_weight, n_classes)
-                with xla_errors():
-                    history = plan.model.fit(plan.train, validation_data=plan.val, epochs=int(f.epochs),
-                                             callbacks=[*plan.first_callbacks, *callbacks], shuffle=False,
-                                             verbose=0, class_weight=weights)  # the data shuffle themselves
-                if best.exists():  # the best epoch, whether or not early stopping fired
-                    plan.model.load_weights(str(best))  # shares its layers with `model`
+                extra, best = [keras.callbacks.CSVLogger(str(curves)), timer, progress_bar("finetune")], Path(tmp)
+                with xla_errors():  # the data shuffle themselves
+                    history = fit_finetune(plan.model, plan.train, plan.val, f, n_classes, best / "best.weights.h5",
+                                           read_manifest("train")["label"], plan.first_callbacks, extra)
                 if plan.model is not model:  # trained on trunk views: the image model is exported compiled
                     compile_model(model, f, n_classes, steps_per_epoch=1)
                 val = plan.evaluate()

@@ -15,11 +15,21 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import TINY, tiny_project
+from tests.conftest import TINY, assert_features_close, tiny_project
 from xfer import XferError
 from xfer.core.config import compose_conf, load_params
 from xfer.core.presets import write_preset
-from xfer.nets.search import Space, cv_data, cv_scores, fold_rows, folds_of, load_space, parse_space
+from xfer.nets.search import (
+    Space,
+    cv_data,
+    cv_scores,
+    fold_rows,
+    folds_of,
+    load_space,
+    parse_space,
+    preset_values,
+    trial_config,
+)
 
 
 def blobs(n_per_class: int, dim: int = 6, seed: int = 0, n_classes: int = 2, sep: float = 3.0):
@@ -65,7 +75,7 @@ def test_space_parsing_keys_ranges_and_one_line_errors(cfg):
         "head.unitz": "head.unitz: no such key in params.yaml",
         "backbone.image_size": "backbone.image_size needs new features",
         "backbone.name": "queue DVC experiments for it instead: dvc exp run --queue -S backbone.name=A,B",
-        "finetune.learning_rate": "finetune.learning_rate is not searched on cached features",
+        "scratch.name": "scratch.name is not searched on cached features",
     }
     for key, message in bad.items():
         with pytest.raises(XferError) as err:
@@ -116,8 +126,47 @@ def test_a_worker_that_loses_the_schema_creation_race_opens_the_storage(tmp_path
 def test_the_shipped_spaces_parse_against_the_default_params(cfg):
     space = load_space("default", cfg)
     assert space.params and all(k.startswith("head.") for k in space.params) and space.folds >= 3
-    with pytest.raises(XferError, match="no such search space; valid in .*: default"):
+    assert not space.fine_tunes
+    cfg.finetune.trunk_views = 2  # TINY's 0 (fine-tuning on images) is refused by a fine-tuning space
+    ft = load_space("finetune", cfg)
+    assert ft.fine_tunes and ft.folds >= 3 and ft.trunk_views(cfg) == 2
+    assert {"finetune.enabled", "finetune.learning_rate", "finetune.epochs", "finetune.schedule",
+            "finetune.warmup_epochs", "head.units"} <= set(ft.params)
+    assert max(ft.params["finetune.epochs"]["choices"]) <= 4  # a trial's fine-tuning is capped
+    with pytest.raises(XferError, match="no such search space; valid in .*: default, finetune"):
         load_space("nope", cfg)
+
+
+def test_finetune_keys_parse_and_the_ones_a_trial_cannot_change_fail_in_one_line(cfg):
+    cfg.finetune.trunk_views = 2
+    space = parse_space({"finetune_max_epochs": 2, "space": {
+        "finetune.enabled": {"choices": [True, False]}, "finetune.learning_rate": {"low": 1e-6, "high": 1e-4,
+                                                                                   "log": True},
+        "finetune.schedule": {"choices": ["constant", "cosine"]}, "finetune.trunk_views": {"choices": [1, 3]}}}, cfg)
+    assert space.fine_tunes and space.trunk_views(cfg) == 3 and space.finetune_max_epochs == 2
+    c = trial_config(cfg, space, {"finetune.enabled": True, "finetune.learning_rate": 3e-5})
+    assert c.finetune.epochs == min(2, cfg.finetune.epochs) and c.finetune.learning_rate == 3e-5
+    bad = {
+        "backbone.unfreeze_from": ({"choices": ["block4_conv1", "block5_conv1"]},
+                                   "backbone.unfreeze_from needs new trunk views (the activations at the new boundary, "
+                                   "a trunk stage run); queue DVC experiments for it instead: dvc exp run --queue -S "
+                                   "backbone.unfreeze_from=A,B"),
+        "finetune.augment.zoom": ({"choices": [0.1, 0.2]}, "finetune.augment.zoom needs new trunk views"),
+        "finetune.trunk_views": ({"choices": [0, 1]}, "finetune.trunk_views=0 fine-tunes on images every epoch"),
+        "finetune.enabled": ({"choices": [1, 0]}, "finetune.enabled: choices must be true/false"),
+    }
+    for key, (d, message) in bad.items():
+        with pytest.raises(XferError) as err:
+            parse_space({"space": {key: d}}, cfg)
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(XferError, match="finetune.epochs: set by finetune_max_epochs of the space"):
+        parse_space({"finetune_max_epochs": 3, "space": {"finetune.epochs": {"choices": [2, 3]}}}, cfg)
+    off = OmegaConf.merge(cfg, {"finetune": {"enabled": False}})
+    with pytest.raises(XferError, match="finetune.enabled is false in params.yaml and not in the space: add"):
+        parse_space({"space": {"finetune.learning_rate": {"low": 1e-6, "high": 1e-4}}}, off)
+    on_images = OmegaConf.merge(cfg, {"finetune": {"trunk_views": 0}})
+    with pytest.raises(XferError, match="params.yaml has finetune.trunk_views=0 .* pass finetune.trunk_views=2"):
+        parse_space({"space": {"finetune.learning_rate": {"low": 1e-6, "high": 1e-4}}}, on_images)
 
 
 def test_cv_folds_cover_train_and_val_and_views_join_only_their_training_images():
@@ -200,6 +249,94 @@ def test_the_winner_is_written_as_a_preset_that_composes_back(project):
     expected = OmegaConf.to_container(other, resolve=True)
     expected["head"]["dropout"] = 0.25
     assert OmegaConf.to_container(compose_conf(["experiment=search-other"]), resolve=True) == expected
+
+
+def test_a_finetune_winner_is_written_as_a_preset_that_composes_back(project):
+    cfg = compose_conf(["experiment=mobilenet-offline"])  # fine-tuning off, as the preset a search starts from
+    space = load_space("finetune", cfg)
+    point = {"head.units": 128, "head.dropout": 0.25, "finetune.enabled": True, "finetune.learning_rate": 3e-5,
+             "finetune.epochs": 3, "finetune.schedule": "cosine", "finetune.warmup_epochs": 1,
+             "finetune.trunk_views": 1}
+    values = preset_values(cfg, space, point)
+    assert values == point
+    write_preset("search-ft", cfg, values, "a fine-tuning winner")
+    composed = compose_conf(["experiment=search-ft"])
+    assert composed.finetune.enabled is True and composed.finetune.learning_rate == 3e-5
+    assert composed.finetune.epochs == 3 and composed.finetune.schedule == "cosine"
+    assert composed.finetune.trunk_views == 1 and composed.backbone.image_size == 320
+    expected = OmegaConf.to_container(cfg, resolve=True)
+    for key, value in point.items():
+        section, leaf = key.split(".")
+        expected[section][leaf] = value
+    assert OmegaConf.to_container(composed, resolve=True) == expected
+    # a winner that turns fine-tuning off keeps params.yaml's other finetune.* (they would do nothing)
+    off = preset_values(cfg, space, {**point, "finetune.enabled": False})
+    assert off == {"head.units": 128, "head.dropout": 0.25, "finetune.enabled": False}
+    write_preset("search-off", cfg, off, "x")
+    assert compose_conf(["experiment=search-off"]).finetune.learning_rate == cfg.finetune.learning_rate
+
+
+def test_a_finetune_trial_runs_the_finetune_stages_fit_on_the_folds(tmp_path, monkeypatch):
+    """The trial fine-tunes with the stage's own fit (xfer.nets.finetune.fit_finetune), on the trunk stage's views:
+    the top's weights move, a near-zero learning rate gives back the head's scores (top + head on the boundary
+    activations = the head on the cached features), enabled=false never fine-tunes; `xfer search` runs it whole."""
+    import optuna
+
+    import stages.finetune
+    from xfer.nets import finetune as ft
+    from xfer.nets.study import Objective
+    from xfer.nets.study import main as search
+
+    assert stages.finetune.fit_finetune is ft.fit_finetune  # the stage's loop is the trials' loop
+    real, calls = ft.fit_finetune, []
+
+    def spy(model, *args, **kwargs):
+        history = real(model, *args, **kwargs)
+        calls.append([np.array(w) for w in model.get_weights()])
+        return history
+
+    with tiny_project(tmp_path / "proj", ["download", "split", "featurize", "views", "trunk"], "search-ft",
+                      ["finetune.trunk_views=1"]) as (root, cfg):
+        monkeypatch.setattr(ft, "fit_finetune", spy)
+        space = Space("ft", {"finetune.enabled": {"choices": [True, False]},
+                             "finetune.learning_rate": {"low": 1e-12, "high": 1e-1, "log": True}}, folds=2)
+        objective = Objective.from_cache(cfg, space)
+        off = objective.score({"finetune.enabled": False, "finetune.learning_rate": 1e-2})
+        assert calls == [] and objective.bd is None
+        frozen = objective.score({"finetune.enabled": True, "finetune.learning_rate": 1e-12})
+        bd = objective.bd
+        assert len(calls) == 2 and bd.source == "trunk cache" and bd.k == 1
+        held = min(len(h) for _, h in objective.folds)
+        # the rows line up: the top at its cached weights maps the boundary activations to the cached features
+        from xfer.nets.search import pool
+
+        assert_features_close(pool(np.asarray(bd.top.predict(bd.acts, verbose=0)), "gap"), objective.data_for("gap").x)
+        assert np.allclose(frozen, off, atol=1.01 / held), (frozen, off)  # at most one image flips per fold
+        calls.clear()
+        tuned = objective.score({"finetune.enabled": True, "finetune.learning_rate": 1e-3})
+        assert len(calls) == 2 and len(tuned) == 2
+        top = bd.top.get_weights()
+        moved = [float(np.max(np.abs(a - b))) for a, b in zip(top, bd.start, strict=True)]
+        assert max(moved) > 1e-4, moved  # fine-tuning trained the base's top
+        # views the trunk cache lacks are made by the search, as the trunk stage makes them
+        from xfer.nets.tuning import boundary_data
+
+        made = boundary_data(cfg, 2)
+        assert made.source == "made by the search" and made.k == 2
+        assert_features_close(made.views[: bd.n_train], bd.views[: bd.n_train], "float16")
+        assert_features_close(made.acts, bd.acts)
+        # the command: a fine-tuning space, its winner written as a preset
+        (root / "conf/search/ft.yaml").write_text(
+            "folds: 2\nmax_epochs: 2\nstartup_trials: 2\nspace:\n  finetune.enabled: {choices: [true, false]}\n"
+            "  finetune.learning_rate: {low: 1.0e-5, high: 1.0e-2, log: true}\n  head.units: {choices: [8, 16]}\n")
+        assert search(["ft", *TINY, "finetune.trunk_views=1", "--trials", "3", "--name", "ft", "--study", "ft"]) == 0
+        report = json.loads((root / "reports/search/ft.json").read_text())
+        study = optuna.load_study(study_name="ft", storage=f"sqlite:///{root}/optuna.db")  # beside mlflow.db
+        assert len(study.trials) == 3 and report["winner_values"]["finetune.enabled"] == \
+            study.best_params["finetune.enabled"]
+        preset = compose_conf(["experiment=search-ft"], root)
+        winner = report["winner_values"] if report["adopted"] else {}
+        assert preset.finetune.enabled == winner.get("finetune.enabled", True)  # TINY's own: enabled
 
 
 def test_calibration_lowers_ece_of_an_over_smoothed_head_and_keeps_the_classes(tmp_path, cfg):

@@ -12,7 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("xfer.nets.predict", "classify image files or folders with the trained model (CSV out, --explain)"),
     "compare": ("xfer.track.compare", "the leaderboard of the pipeline runs in MLflow, with the params that differ"),
-    "search": ("xfer.nets.study", "search the head's settings on the cached features (Optuna, k-fold CV) -> a preset"),
+    "search": ("xfer.nets.study", "search head and fine-tuning settings on cached features (Optuna, CV) -> a preset"),
     "params": ("xfer.core.params", "compose conf/ into params.yaml (group=option key=value overrides; --check)"),
     "stack": ("xfer.stack.control", "the local team stack: up | down | status | env"),
     "sync": ("xfer.track.spool", "replay into MLflow the records stages kept while its server did not answer"),

@@ -71,8 +71,9 @@ class BoundaryValidation(keras.callbacks.Callback):
 
 
 class Plan(NamedTuple):
-    """What fine-tuning's ``fit`` runs: the model it trains, its training and validation data, the callbacks that
-    must run before the others, the final validation metrics, and how the training rows were made."""
+    """What fine-tuning's ``fit`` runs: the model it trains (to compile with ``steps`` per epoch), its training and
+    validation data, the callbacks that must run before the others, the final validation metrics, and how the
+    training rows were made."""
 
     model: keras.Model
     train: Any
@@ -81,14 +82,23 @@ class Plan(NamedTuple):
     evaluate: Callable[[], dict]
     source: str  # images | trunk views
     at_boundary: bool  # validation through the top only
+    steps: int  # batches per epoch
+
+
+def top_and_head(top: keras.Model, head: keras.Model, name: str = "top_and_head") -> keras.Model:
+    """Boundary activations -> the top of the base (inference-mode BatchNorm) -> the head: what fine-tuning on
+    trunk views trains, sharing the layers (and weights) of ``top`` and ``head``."""
+    acts = keras.Input(top.input_shape[1:], name="activations")
+    return keras.Model(acts, head(top(acts, training=False)), name=name)
 
 
 def fit_plan(cfg: DictConfig, model: keras.Model, base: keras.Model, head: keras.Model,
              compile_like: Callable[[keras.Model, int], None]) -> Plan:
     """Train ``model`` (augmentation -> base -> head) on images, or with ``finetune.trunk_views`` the top and
     head on the trunk stage's cached boundary views; validate through the top on activations computed once
-    (on images where the boundary cannot be cut). ``compile_like(m, steps_per_epoch)`` compiles with the
-    fine-tuning loss, metrics and optimizer; call after setting ``trainable``."""
+    (on images where the boundary cannot be cut). The plan's model is compiled by the caller
+    (xfer.nets.finetune.compile_finetune, after setting ``trainable``); ``compile_like(m, steps_per_epoch)``
+    compiles the validation model the same way."""
     from xfer.data.images import image_dataset
     from xfer.data.paths import image_paths, read_manifest
 
@@ -100,25 +110,22 @@ def fit_plan(cfg: DictConfig, model: keras.Model, base: keras.Model, head: keras
     if f.get("trunk_views") and parts is not None:  # else the trunk stage cached nothing: train on images
         x, y = load_trunk_views(cfg)
         trunk, top = parts
-        acts = keras.Input(top.input_shape[1:], name="activations")
-        top_model = keras.Model(acts, head(top(acts, training=False)), name="top_and_head")
-        compile_like(top_model, -(-len(y) // int(f.trunk_views) // bs))
+        top_model = top_and_head(top, head)
         val_data = activations(trunk, ds_val)
         return Plan(top_model, view_batches(x, y, int(f.trunk_views), bs, seed), val_data, [],
                     lambda: {f"val_{k}": v for k, v in top_model.evaluate(*val_data, batch_size=bs, verbose=0,
                                                                           return_dict=True).items()},
-                    "trunk views", True)
+                    "trunk views", True, -(-len(y) // int(f.trunk_views) // bs))
     train = read_manifest("train")
-    compile_like(model, -(-len(train) // bs))
+    steps = -(-len(train) // bs)
     ds_train = image_dataset(image_paths(train), train["label"].to_numpy(), size, bs, shuffle_seed=seed)
     if parts is None:
         return Plan(model, ds_train, ds_val, [], lambda: model.evaluate(ds_val, verbose=0, return_dict=True),
-                    "images", False)
-    acts = keras.Input(parts[1].input_shape[1:], name="activations")
-    val_model = keras.Model(acts, head(parts[1](acts, training=False)), name="validation")
+                    "images", False, steps)
+    val_model = top_and_head(parts[1], head, "validation")
     compile_like(val_model, 1)
     check = BoundaryValidation(val_model, *activations(parts[0], ds_val), bs)
-    return Plan(model, ds_train, None, [check], check.evaluate, "images", True)
+    return Plan(model, ds_train, None, [check], check.evaluate, "images", True, steps)
 
 
 def load_trunk_views(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -185,10 +185,12 @@ def new_head(x_train, n_classes: int, hcfg: DictConfig, jit: bool = False, befor
     return model
 
 
-def restart(model: keras.Model, weights: list, hcfg: DictConfig) -> None:
-    """Put a compiled head back to a fresh start: the given initial weights, zeroed optimizer state (step count,
-    moments) and the configured learning rate (reduce-LR-on-plateau may have lowered it)."""
-    model.set_weights(weights)
+def restart(model: keras.Model, weights: list | None, hcfg: DictConfig) -> None:
+    """Put a compiled model back to a fresh start: the given initial weights (None: keep those set), zeroed
+    optimizer state (step count, moments) and the section's learning rate (reduce-LR-on-plateau may have lowered
+    it)."""
+    if weights is not None:
+        model.set_weights(weights)
     opt = model.optimizer
     if opt.built:
         for v in opt.variables:

@@ -1,6 +1,7 @@
 """Hyperparameter search on the cached features: the space (``conf/search/<name>.yaml``) and the k-fold
-cross-validated objective that runs train_head's own fit (xfer.nets.models.fit_head); xfer.nets.study runs the
-Optuna study, xfer.core.presets writes the winner as an experiment preset.
+cross-validated objective that runs train_head's own fit (xfer.nets.models.fit_head), then, in a space with
+``finetune.*`` keys, the finetune stage's (xfer.nets.tuning); xfer.nets.study runs the Optuna study,
+xfer.core.presets writes the winner as an experiment preset.
 
 The folds cover the training and validation images together (the head's augmented training views, when a trial
 uses some, join the training folds of their images only); the test split is never read. The head's pooling is done
@@ -21,11 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from xfer import XferError
 from xfer.core.config import CONF_DIR, project_root
 
-SEARCHABLE = ("head.",)  # sections a trial can change on the current cache
+SEARCHABLE = ("head.", "finetune.")  # sections a trial can change on the current cache
 CACHED_VIEWS_KEY = "featurize.train_views"
+TRUNK_VIEWS_KEY = "finetune.trunk_views"
+BOUNDARY_KEY = "backbone.unfreeze_from"
 NEEDS_FEATURES = ("backbone.", "featurize.", "data.", "split.")
+NEEDS_TRUNK_VIEWS = ("finetune.augment",)
 STEPS_PER_EXECUTION = 64  # a fold's batches run 64 per compiled call: the same updates, far less Python per batch
-OPTIONS = ("folds", "trials", "max_epochs", "patience", "startup_trials", "significance", "space")
+OPTIONS = ("folds", "trials", "max_epochs", "patience", "finetune_max_epochs", "startup_trials", "significance",
+           "space")
 
 
 @dataclass
@@ -42,6 +47,18 @@ class Space:
     significance: float = 2.0
     source: str = ""
     extra: dict = field(default_factory=dict)
+    finetune_max_epochs: int | None = None
+
+    @property
+    def fine_tunes(self) -> bool:
+        """A space with ``finetune.*`` keys: its trials (and the starting params) fine-tune where they say so."""
+        return any(k.startswith("finetune.") for k in self.params)
+
+    def trunk_views(self, cfg: DictConfig) -> int:
+        """The most trunk views a trial (or the starting params) trains on."""
+        d = self.params.get(TRUNK_VIEWS_KEY, {})
+        values = d.get("choices") or ([d["high"]] if "high" in d else [])
+        return max([int(cfg.finetune.trunk_views), *map(int, values)])
 
     def suggest(self, trial) -> dict[str, Any]:
         """One point: a value for every key, drawn by the trial."""
@@ -103,21 +120,43 @@ def parse_space(raw: dict, cfg: DictConfig, name: str = "space", where: str = "s
             if too_many:
                 raise XferError(f"{where}: {key}={too_many[0]}: only {cached_views} views are cached; rerun the "
                                 f"views stage with more first (dvc exp run -S {key}={max(map(int, values))})")
+        elif key == BOUNDARY_KEY:
+            raise XferError(f"{where}: {key} needs new trunk views (the activations at the new boundary, a trunk "
+                            f"stage run); queue DVC experiments for it instead: dvc exp run --queue -S {key}=A,B")
         elif key.startswith(NEEDS_FEATURES) or key == "seed":
             raise XferError(f"{where}: {key} needs new features (a search runs on the current cache); queue DVC "
                             f"experiments for it instead: dvc exp run --queue -S {key}=A,B")
+        elif key.startswith(NEEDS_TRUNK_VIEWS):
+            raise XferError(f"{where}: {key} needs new trunk views (they were made with this augmentation); queue "
+                            f"DVC experiments for it instead: dvc exp run --queue -S {key}=A,B")
         elif not key.startswith(SEARCHABLE):
-            raise XferError(f"{where}: {key} is not searched on cached features (only head.* and {CACHED_VIEWS_KEY}"
-                            f"); queue DVC experiments for it: dvc exp run --queue -S {key}=A,B")
+            raise XferError(f"{where}: {key} is not searched on cached features (only head.*, finetune.* and "
+                            f"{CACHED_VIEWS_KEY}); queue DVC experiments for it: dvc exp run --queue -S {key}=A,B")
         elif key in ("head.epochs", "head.patience") and raw.get("max_epochs") is not None:
             raise XferError(f"{where}: {key}: set by max_epochs/patience of the space; drop one of them")
+        elif key == "finetune.epochs" and raw.get("finetune_max_epochs") is not None:
+            raise XferError(f"{where}: {key}: set by finetune_max_epochs of the space; drop one of them")
         params[key] = _check_point(where, key, d)
+        values = params[key].get("choices") or [params[key]["low"], params[key]["high"]]
+        if key == TRUNK_VIEWS_KEY and min(map(int, values)) < 1:
+            raise XferError(f"{where}: {key}=0 fine-tunes on images every epoch (minutes per trial); a search "
+                            "fine-tunes on trunk views: range over 1..K")
+        if key == "finetune.enabled" and not all(isinstance(v, bool) for v in values):
+            raise XferError(f"{where}: {key}: choices must be true/false")
+    if any(k.startswith("finetune.") for k in params):
+        if "finetune.enabled" not in params and not cfg.finetune.enabled:
+            raise XferError(f"{where}: finetune.* keys but finetune.enabled is false in params.yaml and not in the "
+                            "space: add finetune.enabled: {choices: [true, false]} (or pass finetune.enabled=true)")
+        if cfg.finetune.enabled and int(cfg.finetune.trunk_views) < 1:
+            raise XferError(f"{where}: params.yaml has finetune.trunk_views=0 (fine-tuning on images, minutes per "
+                            "trial); a search fine-tunes on trunk views: pass finetune.trunk_views=2 (or more)")
     folds = int(raw.get("folds", 5))
     if folds < 2:
         raise XferError(f"{where}: folds: {folds}; cross-validation needs at least 2")
-    opt = {k: (None if raw.get(k) is None else int(raw[k])) for k in ("max_epochs", "patience")}
+    opt = {k: (None if raw.get(k) is None else int(raw[k])) for k in ("max_epochs", "patience", "finetune_max_epochs")}
     return Space(name, params, folds, int(raw.get("trials", 30)), opt["max_epochs"], opt["patience"],
-                 int(raw.get("startup_trials", 5)), float(raw.get("significance", 2.0)), where)
+                 int(raw.get("startup_trials", 5)), float(raw.get("significance", 2.0)), where,
+                 finetune_max_epochs=opt["finetune_max_epochs"])
 
 
 def load_space(name: str, cfg: DictConfig, cached_views: int = 0, root: Path | None = None) -> Space:
@@ -132,7 +171,7 @@ def load_space(name: str, cfg: DictConfig, cached_views: int = 0, root: Path | N
 
 
 def trial_config(cfg: DictConfig, space: Space, point: dict[str, Any]) -> DictConfig:
-    """params.yaml with the point applied, and head.epochs/patience capped by the space."""
+    """params.yaml with the point applied, and head.epochs/patience (finetune.epochs) capped by the space."""
     c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for key, value in point.items():
         OmegaConf.update(c, key, value, merge=False)
@@ -140,12 +179,17 @@ def trial_config(cfg: DictConfig, space: Space, point: dict[str, Any]) -> DictCo
         c.head.epochs = min(int(c.head.epochs), space.max_epochs)
     if space.patience is not None and c.head.patience is not None:
         c.head.patience = min(int(c.head.patience), space.patience)
+    if space.finetune_max_epochs is not None:
+        c.finetune.epochs = min(int(c.finetune.epochs), space.finetune_max_epochs)
     return c
 
 
 def preset_values(cfg: DictConfig, space: Space, point: dict[str, Any]) -> dict[str, Any]:
-    """The params.yaml keys the winner's preset sets: the point only. The trials' epochs/patience caps made the
-    comparison with the starting params cheaper for both alike; the final model trains with params.yaml's own."""
+    """The params.yaml keys the winner's preset sets: the point, less its other finetune.* keys when it turns
+    fine-tuning off (they would do nothing). The trials' epochs/patience caps made the comparison with the
+    starting params cheaper for both alike; the final model trains with params.yaml's own."""
+    if point.get("finetune.enabled") is False:
+        return {k: v for k, v in point.items() if not k.startswith("finetune.") or k == "finetune.enabled"}
     return dict(point)
 
 
@@ -211,9 +255,11 @@ class Pruned(Exception):
 
 
 def cv_scores(data: CVData, hcfg: DictConfig, folds: list, seed: int, n_views: int = 0, report=None,
-              deterministic: bool = True) -> list[float]:
+              deterministic: bool = True, then=None) -> list[float]:
     """Held-out accuracy of each fold, the head trained by :func:`xfer.nets.models.fit_head` (early stopping on
-    the held-out part, as train_head on the validation set). ``report(fold, mean_so_far)`` may raise to prune."""
+    the held-out part, as train_head on the validation set). ``then(fold, head, train_idx, held_idx)``, if given,
+    continues from the fold's head (fine-tuning, xfer.nets.tuning.FineTuning) and returns the fold's score
+    instead. ``report(fold, mean_so_far)`` may raise to prune."""
     import tempfile
 
     import keras
@@ -233,9 +279,12 @@ def cv_scores(data: CVData, hcfg: DictConfig, folds: list, seed: int, n_views: i
         restart(model, start, hcfg)
         with tempfile.TemporaryDirectory() as tmp:
             fit_head(x_tr, y_tr, x_ho, y_ho, hcfg, data.n_classes, Path(tmp) / "best.weights.h5", model=model)
-        probs = np.asarray(model(x_ho, training=False))
-        pred = (probs[:, 0] > 0.5).astype(int) if probs.shape[1] == 1 else probs.argmax(axis=1)
-        scores.append(float(np.mean(pred == y_ho)))
+        if then is not None:
+            scores.append(then(i, model, train_idx, held_idx))
+        else:
+            probs = np.asarray(model(x_ho, training=False))
+            pred = (probs[:, 0] > 0.5).astype(int) if probs.shape[1] == 1 else probs.argmax(axis=1)
+            scores.append(float(np.mean(pred == y_ho)))
         if report is not None:
             report(i, float(np.mean(scores)))
     return scores
@@ -243,15 +292,18 @@ def cv_scores(data: CVData, hcfg: DictConfig, folds: list, seed: int, n_views: i
 
 # --- naming, storage ---------------------------------------------------------------------------------
 
-def cache_key(cfg: DictConfig) -> str:
-    """6 hex digits naming the feature cache a study runs on (data, split, backbone, featurize, seed)."""
+def cache_key(cfg: DictConfig, trunk: bool = False) -> str:
+    """6 hex digits naming the feature cache a study runs on (data, split, backbone, featurize, seed; with
+    ``trunk``, also the augmentation the trunk views are made with)."""
     keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "split", "backbone", "featurize")}
     keep["seed"] = int(cfg.seed)
+    if trunk:
+        keep["augment"] = OmegaConf.to_container(cfg.finetune.augment, resolve=True)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
 def study_name(cfg: DictConfig, space: Space) -> str:
-    return f"{cfg.data.name}-{cfg.backbone.name}-{space.name}-{cache_key(cfg)}"
+    return f"{cfg.data.name}-{cfg.backbone.name}-{space.name}-{cache_key(cfg, space.fine_tunes)}"
 
 
 def default_storage(tracking: str) -> str:

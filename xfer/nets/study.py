@@ -3,12 +3,13 @@
 usage: xfer search [SPACE] [--trials N] [--timeout SECONDS] [--storage URL] [--study NAME] [--name NAME]
                    [--worker N] [key=value ...]
 
-Each trial runs train_head's fit on k folds of the training + validation features (the test split is never
-read) and is pruned when its running mean falls below the median of earlier trials at the same fold. The winner is
-the best mean CV accuracy; the defaults of params.yaml (the current preset) are scored on the same folds, and the
-report gives the winner's gain over them per fold (mean ± std). The winner is written as
-conf/experiment/search-<name>.yaml: `dvc exp run -S experiment=search-<name>` trains, evaluates (the test set,
-once) and registers it. The study lives in mlruns/optuna.db beside the MLflow database (or --storage, e.g. the team
+Each trial runs train_head's fit on k folds of the training + validation features (and, in a space with finetune.*
+keys, the finetune stage's fit of the base's top and the head on the fold's activations at backbone.unfreeze_from;
+the test split is never read) and is pruned when its running mean falls below the median of earlier trials at the
+same fold. The winner is the best mean CV accuracy; the defaults of params.yaml (the current preset) are scored on
+the same folds, and the report gives the winner's gain over them per fold (mean ± std). The winner is written as
+conf/experiment/search-<name>.yaml: `dvc exp run -S experiment=search-<name>` trains, evaluates (the test set, once)
+and registers it. The study lives in mlruns/optuna.db beside the MLflow database (or --storage, e.g. the team
 stack's PostgreSQL): several workers (`--worker 1`, `--worker 2`, ... for distinct sampler seeds) share one study.
 Ctrl-C stops the search; the best trial so far is kept and written.
 """
@@ -30,6 +31,7 @@ from xfer.core.retry import retry_locked
 from xfer.data.paths import CLASSES, REPORTS, load_features, load_training_features
 from xfer.nets.search import (
     CACHED_VIEWS_KEY,
+    STEPS_PER_EXECUTION,
     Pruned,
     cv_data,
     cv_scores,
@@ -76,10 +78,12 @@ class Objective:
         self.cached_views = len(x_views) // max(len(x_train), 1) if x_views is not None else 0
         self.raw = (x_train, y_train, x_views, n_classes)
         self.data: dict[str, Any] = {}
+        self.bd = None  # the boundary activations of fine-tuning trials (xfer.nets.tuning), made at first need
         self.folds = folds_of(np.concatenate([y_train, self.y_val]).astype(np.int64), space.folds, int(cfg.seed))
 
     @classmethod
-    def from_cache(cls, cfg, space, client, parent: str) -> Objective:
+    def from_cache(cls, cfg, space, client=None, parent: str | None = None) -> Objective:
+        """On the current cache's arrays; each trial a nested MLflow run under ``parent`` (with a ``client``)."""
         from xfer.core.files import read_json
         from xfer.track.runs import log_trial
 
@@ -87,7 +91,7 @@ class Objective:
         x_train, y_train = load_features(cfg.backbone.name, "train")
         x_val, y_val = load_features(cfg.backbone.name, "val")
         arrays = (x_train, y_train, x_all[len(x_train):] if views else None, x_val, y_val, len(read_json(CLASSES)))
-        return cls(cfg, space, arrays, lambda *a: log_trial(client, parent, cfg, *a))
+        return cls(cfg, space, arrays, None if client is None else lambda *a: log_trial(client, parent, cfg, *a))
 
     def data_for(self, pooling: str):
         if pooling not in self.data:
@@ -95,11 +99,27 @@ class Objective:
             self.data[pooling] = cv_data(x_train, y_train, views, self.x_val, self.y_val, pooling, n_classes)
         return self.data[pooling]
 
+    def boundary(self):
+        if self.bd is None:
+            from xfer.nets.tuning import boundary_data
+
+            started = time.perf_counter()
+            self.bd = boundary_data(self.cfg, self.space.trunk_views(self.cfg))
+            print(f"search: activations at {self.cfg.backbone.unfreeze_from} of {len(self.bd.acts)} train+val "
+                  f"images and {self.bd.k} trunk views ({self.bd.source}) in {time.perf_counter() - started:.0f} s",
+                  flush=True)
+        return self.bd
+
     def score(self, point: dict[str, Any], report=None) -> list[float]:
         c = trial_config(self.cfg, self.space, point)
         views = int(c.featurize.train_views) if CACHED_VIEWS_KEY in point else self.cached_views
-        return cv_scores(self.data_for(str(c.head.pooling)), c.head, self.folds, int(c.seed), views, report,
-                         bool(c.runtime.deterministic))
+        data = self.data_for(str(c.head.pooling))
+        then = None
+        if self.space.fine_tunes and c.finetune.enabled:
+            from xfer.nets.tuning import FineTuning
+
+            then = FineTuning(self.boundary(), c, data.n_classes, data.y, STEPS_PER_EXECUTION)
+        return cv_scores(data, c.head, self.folds, int(c.seed), views, report, bool(c.runtime.deterministic), then)
 
     def __call__(self, trial) -> float:
         import optuna
@@ -158,6 +178,7 @@ def summary(study, base: list[float], space) -> dict[str, Any] | None:
         return out
     best = study.best_trial
     gain = np.asarray(best.user_attrs["fold_scores"]) - np.asarray(base)
+    out["winner_values"] = preset_values(None, space, best.params)  # the preset's keys had it been adopted
     std = float(gain.std(ddof=1)) if len(gain) > 1 else 0.0
     out.update(best_trial=best.number, best_params=best.params, best_cv_accuracy=float(best.value),
                best_cv_accuracy_std=float(np.std(best.user_attrs["fold_scores"])), gain=float(gain.mean()),
@@ -217,6 +238,8 @@ def run(args) -> int:
     started = time.perf_counter()
     interrupted = False
     try:
+        if space.fine_tunes:
+            objective.boundary()  # once per search, before the trials: their seconds are their own
         base = baseline(study, objective)
         print(f"baseline (params.yaml): cv_accuracy {np.mean(base):.4f} ± {np.std(base):.4f}", flush=True)
         study.optimize(objective, n_trials=n_trials, timeout=args.timeout, gc_after_trial=True)

@@ -20,9 +20,10 @@ def check_views(key: str, k) -> int:
     return k
 
 
-def cache_training_views(model, cfg: DictConfig, out: Path, k: int, dtype: str) -> dict:
+def cache_training_views(model, cfg: DictConfig, out: Path, k: int, dtype: str, record: bool = True) -> dict:
     """``k`` augmented views of every training image through ``model`` into ``out/train_*`` (features,
-    labels, paths); logs images/s to the active MLflow run; returns what meta.json records."""
+    labels, paths); logs images/s to the active MLflow run (``record``: a stage's); returns what meta.json
+    records."""
     from xfer.core.runtime import set_jit, use_jit
     from xfer.data.paths import image_paths, read_manifest
     from xfer.nets.features import featurize_split
@@ -34,7 +35,8 @@ def cache_training_views(model, cfg: DictConfig, out: Path, k: int, dtype: str) 
     ips = featurize_split(model, image_paths(train), train["label"].to_numpy(), out, "train",
                           int(cfg.featurize.batch_size), dtype, augment=augmentation(cfg.finetune.augment,
                                                                                      int(cfg.seed)), views=k)
-    log_metric("images_per_sec", ips)
+    if record:
+        log_metric("images_per_sec", ips)
     return {"images": len(train), "shape": [int(d) for d in model.output_shape[1:]], "dtype": dtype}
 
 
