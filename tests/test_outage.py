@@ -55,7 +55,9 @@ def finetune_run(url: str) -> dict | None:
 
 
 def experiment_ids(url: str) -> list[str]:
-    found = requests.post(f"{url}/api/2.0/mlflow/experiments/search", json={"max_results": 100}, timeout=2)
+    """This test's experiment only: the session's stack may hold other tests' finetune runs (the e2e team test)."""
+    found = requests.post(f"{url}/api/2.0/mlflow/experiments/search", timeout=2,
+                          json={"max_results": 100, "filter": "name = 'outage'"})
     return [e["experiment_id"] for e in found.json().get("experiments", [])]
 
 

@@ -123,6 +123,21 @@ def test_a_worker_that_loses_the_schema_creation_race_opens_the_storage(tmp_path
     assert len(calls) == 2 and optuna.create_study(study_name="s", storage=storage).study_name == "s"
 
 
+def test_a_swallowed_ctrl_c_still_ends_the_search_after_the_trial(monkeypatch):
+    """A SIGINT whose KeyboardInterrupt a library swallowed (a destructor run by gc_after_trial, TensorFlow) is still
+    remembered; the callback after each trial raises it, so the search stops instead of running its budget."""
+    import signal as sig
+
+    from xfer.core import signals
+    from xfer.nets.study import stop_if_interrupted
+
+    monkeypatch.setattr(signals, "received", [])
+    stop_if_interrupted(None, None)  # nothing received: the search goes on
+    monkeypatch.setattr(signals, "received", [sig.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        stop_if_interrupted(None, None)
+
+
 def test_the_shipped_spaces_parse_against_the_default_params(cfg):
     space = load_space("default", cfg)
     assert space.params and all(k.startswith("head.") for k in space.params) and space.folds >= 3

@@ -64,6 +64,14 @@ def terminated() -> bool:
     return signal.SIGTERM in received
 
 
+def handled() -> None:
+    """Forget the signals received: the caller has stopped its work for them and still writes what it kept (the
+    search's best trial so far), which the atomic writes would otherwise refuse."""
+    if _timer is not None:
+        _timer.cancel()
+    received.clear()
+
+
 def raise_if_interrupted() -> None:
     """Raise a received signal (deferred, or swallowed by a library) before the next step or output commit."""
     if received:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from xfer import XferError
+from xfer.core import signals
 from xfer.core.args import Parser
 from xfer.core.files import write_json
 from xfer.core.presets import write_preset
@@ -236,21 +237,24 @@ def run(args) -> int:
     print(f"search: study {name} ({redacted(url)}), {space.folds}-fold CV on {images} train+val images"
           f", budget {n_trials or 'unlimited'} trials, {args.timeout or 'no'} timeout", flush=True)
     started = time.perf_counter()
-    interrupted = False
+    interrupted, code = False, 0
+    signals.install()  # Ctrl-C and SIGTERM are remembered even where a library swallows the KeyboardInterrupt
     try:
         if space.fine_tunes:
             objective.boundary()  # once per search, before the trials: their seconds are their own
         base = baseline(study, objective)
         print(f"baseline (params.yaml): cv_accuracy {np.mean(base):.4f} ± {np.std(base):.4f}", flush=True)
-        study.optimize(objective, n_trials=n_trials, timeout=args.timeout, gc_after_trial=True)
-    except KeyboardInterrupt:
-        interrupted = True
+        study.optimize(objective, n_trials=n_trials, timeout=args.timeout, gc_after_trial=True,
+                       callbacks=[stop_if_interrupted])
+    except KeyboardInterrupt as exc:
+        interrupted, code = True, 143 if isinstance(exc, signals.Terminated) or signals.terminated() else 130
+        signals.handled()  # the best trial so far is still written
         print("interrupted; keeping the best trial so far", file=sys.stderr)
         base = list(study.user_attrs.get("baseline_fold_scores", []))
     seconds = time.perf_counter() - started
     if not base:
         print("search: stopped before the baseline was scored; nothing to report", file=sys.stderr)
-        return 130
+        return code or 130
     result = summary(study, base, space) or {}
     result.update(study=name, storage=redacted(url), worker=args.worker, worker_seconds=round(seconds, 2),
                   interrupted=interrupted)
@@ -286,7 +290,13 @@ def run(args) -> int:
               f"reproduce: dvc exp run -S experiment=search-{preset}")
     else:
         print("search: no complete trial yet; nothing written")
-    return 130 if interrupted else 0
+    return code
+
+
+def stop_if_interrupted(study, trial) -> None:
+    """Optuna callback after each trial: end the search on a Ctrl-C (or SIGTERM) that arrived where it was swallowed
+    (inside TensorFlow, or in a destructor that gc_after_trial ran), instead of running the rest of the budget."""
+    signals.raise_if_interrupted()
 
 
 if __name__ == "__main__":
