@@ -59,7 +59,6 @@ def storage_for(url: str | None):
     race to create the schema: the loser's CREATE TABLE (or version row) fails, and a retry finds it made."""
     import optuna
 
-    from xfer.core.retry import retry_locked
     from xfer.track.store import tracking_uri
 
     url = url or os.environ.get("XFER_SEARCH_STORAGE") or default_storage(tracking_uri())
