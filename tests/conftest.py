@@ -20,6 +20,24 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "conf", "stages", "xfer", "weights"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def warm_processes(tmp_path_factory):
+    """The suite's stage processes use warm starts (xfer.core.warm) as users' do, from a folder of its own
+    whose warm processes are stopped at the end (and end by themselves after 5 idle minutes)."""
+    saved = {k: os.environ.get(k) for k in ("XFER_WARM_DIR", "XFER_WARM_IDLE")}
+    os.environ["XFER_WARM_DIR"] = str(tmp_path_factory.mktemp("warm"))
+    os.environ["XFER_WARM_IDLE"] = "300"
+    yield
+    from xfer.core import warm
+
+    warm.stop_all()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Refuse every connection that does not go to this machine."""

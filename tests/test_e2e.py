@@ -40,7 +40,8 @@ def fresh_repo(tmp_path_factory) -> tuple[Path, dict, list[str]]:
     shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
     (root / "mlruns").mkdir()
     shutil.copy2(REPO / "mlruns" / ".gitignore", root / "mlruns" / ".gitignore")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "XFER_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "XFER_")) or k.startswith("XFER_WARM")}  # the suite's warm dir
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     run(["git", "init", "-q", "-b", "main"], root, env)

@@ -143,11 +143,12 @@ def test_old_spellings_still_work_and_name_the_new_command(old, new):
 
 
 # Code that only records or sets up (MLflow runs, the parent summary, config reading, signals, retries, the quiet
-# TensorFlow import): a change to it
+# TensorFlow import, warm starts): a change to it
 # must not rerun a stage, so dvc.yaml leaves it out of the deps, and the walk below does not follow its imports.
 RECORD_ONLY = {"xfer/track/store.py", "xfer/track/runs.py", "xfer/track/recorder.py", "xfer/track/spool.py",
                "xfer/track/summary.py", "xfer/track/compare.py", "xfer/core/retry.py", "xfer/core/signals.py",
-               "xfer/core/args.py", "xfer/core/config.py", "xfer/core/params.py", "xfer/core/quiet.py"}
+               "xfer/core/args.py", "xfer/core/config.py", "xfer/core/params.py", "xfer/core/quiet.py",
+               "xfer/core/warm.py"}
 
 
 def module_file(root: Path, module: str) -> str | None:

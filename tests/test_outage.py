@@ -72,7 +72,8 @@ def test_a_server_outage_during_finetune_costs_nothing_and_the_spool_replays_onc
     (root / ".dvc" / "config").write_text((REPO / ".dvc" / "config").read_text())
     (root / "mlruns").mkdir()
     (root / "mlruns" / ".gitignore").write_text((REPO / "mlruns" / ".gitignore").read_text())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "XFER_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "XFER_")) or k.startswith("XFER_WARM")}  # the suite's warm dir
     env.update(team_stack["client_env"], DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     dvc = [sys.executable, "-m", "dvc"]

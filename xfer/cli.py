@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("xfer.nets.study", "search head and fine-tuning settings on cached features (Optuna, CV) -> a preset"),
     "params": ("xfer.core.params", "compose conf/ into params.yaml (group=option key=value overrides; --check)"),
     "stack": ("xfer.stack.control", "the local team stack: up | down | status | env"),
+    "warm": ("xfer.core.warm", "the warm stage processes (TensorFlow & co. imported once): status | stop"),
     "sync": ("xfer.track.spool", "replay into MLflow the records stages kept while its server did not answer"),
 }
 

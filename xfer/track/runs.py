@@ -63,7 +63,12 @@ def pipeline_process():
     """The DVC process running this stage (``dvc repro``, ``dvc exp run``, a queue worker), or None."""
     import psutil
 
-    proc = psutil.Process().parent()
+    from xfer.core.warm import CLIENT_ENV, served
+
+    try:  # a warm child: the command DVC started, which waits for it, is where the chain to DVC starts
+        proc = psutil.Process(int(os.environ[CLIENT_ENV])) if served() else psutil.Process().parent()
+    except psutil.Error:
+        return None
     while proc is not None:
         try:
             cmd = " ".join(proc.cmdline()[:3])
@@ -200,6 +205,7 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
     import psutil
 
     from xfer.core.runtime import quiet_mlflow
+    from xfer.core.warm import served
 
     quiet_mlflow()
     own_db = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri() sets the variable
@@ -219,7 +225,8 @@ def stage_run(stage: str, cfg: DictConfig, sections: list[str], effective: dict[
     owner = pipeline_process() or psutil.Process()
     parent = open_parent(client, experiment_id, pid, cfg, {**common, "backbone": cfg.backbone.name,
                                                             **_owner_tags(owner)})
-    tags = {**common, "role": "stage", "stage": stage, "mlflow.parentRunId": parent, **_owner_tags(psutil.Process())}
+    tags = {**common, "role": "stage", "stage": stage, "mlflow.parentRunId": parent, **_owner_tags(psutil.Process()),
+            "xfer.start": "warm" if served() else "cold"}  # a child of a warm process (xfer.core.warm) or not
     tags.update({f"upstream.{up}": run_id for up, run_id in upstream_runs(stage).items()})
     name = (f"scratch-{cfg.scratch.name}" if stage == "scratch" else stage if stage in BACKBONE_FREE
             else f"{stage}-{cfg.backbone.name}")
