@@ -230,6 +230,11 @@ def precision_table(args: argparse.Namespace) -> None:
 
     kind = device_kind()
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx2", "fma")))
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if limit:  # e.g. AVX512_CORE_VNNI: oneDNN emulates bfloat16 as on a CPU without avx512_bf16
+        kind = f"{kind} limited by ONEDNN_MAX_CPU_ISA={limit}"
+        if args.write:
+            raise SystemExit("--write: not with ONEDNN_MAX_CPU_ISA set (the table is per real device kind)")
     print(f"{cpu_model()}, device kind {kind}, flags {' '.join(flags)}; {args.images} images, batch "
           f"{args.batch_size}, best of {args.repeats} alternated runs")
     print(f"{'backbone':<17} {'px':>4} {'float32 img/s':>14} {'bfloat16 img/s':>15} {'bf16/f32':>9}  choice  "

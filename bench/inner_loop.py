@@ -9,7 +9,8 @@ Each revision (default: --before HEAD~1, --after the working tree) becomes its o
 with the preset composed for the archive; both run the whole `dvc repro` once, then --repeats times, alternating
 the two, head.units flips between 128 and 256 and `dvc repro` reruns train_head, finetune and evaluate. Work is
 the time each stage spent inside its MLflow run (reports/runs/<stage>.json `seconds`); overhead is the wall time
-of `dvc repro` minus that. Prints medians per revision and the CPU; run it on an otherwise idle machine.
+of `dvc repro` minus that. Prints medians per revision and the CPU; run it on an otherwise idle
+machine. A revision with warm starts (xfer.core.warm) keeps its warm processes in --work/warm, stopped at the end.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "XFER_", "MLFLOW_", "PYTHONPATH"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
+    env["XFER_WARM_DIR"] = str(work / "warm")  # the bench's own warm processes (xfer.core.warm), stopped at the end
     revs = {"before": args.before, "after": args.after}
     projects = {name: work / name for name in revs}
     full = {}
@@ -140,6 +142,9 @@ def main() -> None:
         stages = per_stage[name][0]
         print(f"{name} work per stage (median s): "
               + ", ".join(f"{s} {statistics.median(r[s] for r in per_stage[name]):.1f}" for s in stages))
+    for proj in projects.values():
+        if (proj / "xfer" / "core" / "warm.py").is_file():
+            subprocess.run([sys.executable, "-m", "xfer", "warm", "stop"], cwd=proj, env=env, capture_output=True)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

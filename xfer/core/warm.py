@@ -407,6 +407,10 @@ def _run_child(request: dict, fds: list[int]) -> None:
             traceback.print_exc()
             code = 1
     finally:
+        if os.environ.get("XFER_FAST_EXIT", "1") == "0":  # the normal exit a cold process would have
+            import atexit
+
+            atexit._run_exitfuncs()  # noqa: SLF001 - what the interpreter's teardown runs
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
