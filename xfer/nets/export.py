@@ -349,6 +349,24 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def reference_probabilities(path: str | Path, rows: int, n_classes: int) -> np.ndarray:
+    """Evaluate's test probabilities (models/test_probabilities.npy: what it reported, calibrated and with its TTA,
+    i.e. what the exported graph must reproduce), checked against the test manifest's rows and the classes; a
+    missing, unreadable or mismatched file is refused in one line."""
+    path = Path(path)
+    redo = "; run `dvc repro evaluate` first"
+    if not path.is_file():
+        raise XferError(f"{path} not found (evaluate's test probabilities, the export reference){redo}")
+    try:
+        probs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise XferError(f"{path}: not a readable .npy file ({' '.join(str(exc).split())[:100]}){redo}") from None
+    if probs.ndim != 2 or probs.shape != (rows, n_classes):
+        raise XferError(f"{path} holds {'x'.join(map(str, probs.shape))} probabilities but the test manifest has "
+                        f"{rows} images of {n_classes} classes (written for other data){redo}")
+    return probs.astype(np.float32, copy=False)
+
+
 def agreement(y: np.ndarray, reference: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """One exported file's test predictions against the Keras model's: accuracy, its difference in points, the
     largest absolute probability difference, the share of images given the same class."""
