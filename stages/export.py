@@ -14,7 +14,6 @@ evaluate registered.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -52,9 +51,8 @@ def main(cfg: DictConfig) -> None:
     from xfer.data.images import image_dataset
     from xfer.nets.export import (
         FORMATS,
-        agreement,
-        check_drop,
         check_formats,
+        compare_formats,
         computes_in_float32,
         digest,
         export_files,
@@ -103,13 +101,7 @@ def main(cfg: DictConfig) -> None:
                                                                                         size, 32)))
             ref32 = probs.pop("keras_float32", reference)
             ref_acc = float(np.mean(reference.argmax(1) == y))
-            results = {fmt: agreement(y, reference, p) for fmt, p in probs.items()}
-            for fmt, p in probs.items():
-                results[fmt]["max_probability_diff_float32"] = float(np.abs(p - ref32).max())
-                # what stays the same when a converter's bytes do not (SavedModel, ONNX): the test predictions
-                results[fmt]["predictions_sha256"] = hashlib.sha256(np.round(p, 4).astype("<f4").tobytes()).hexdigest()
-            for fmt, r in results.items():
-                check_drop(fmt, r["test_accuracy"], ref_acc, float(e.max_accuracy_drop))
+            results = compare_formats(y, reference, ref32, probs, float(e.max_accuracy_drop))
             float32_bytes = 4 * int(model.count_params())
             one, many = batch[:1], np.concatenate([batch] * -(-32 // len(batch)))[:32]
             repeats = int(e.latency_repeats)

@@ -383,3 +383,21 @@ def check_drop(fmt: str, accuracy: float, reference: float, max_drop_points: flo
         raise XferError(f"export {fmt}: test accuracy {100 * accuracy:.2f}% is {drop:.2f} points below the Keras "
                         f"model's {100 * reference:.2f}% (export.max_accuracy_drop {max_drop_points}); nothing "
                         "was written")
+
+
+def compare_formats(y: np.ndarray, reference: np.ndarray, reference32: np.ndarray, probs: dict[str, np.ndarray],
+                    max_drop_points: float) -> dict[str, dict]:
+    """Each format's test probabilities against the reference (:func:`agreement`; ``max_probability_diff_float32``
+    against the float32 graph's, the same array when the model computes in float32), with a digest of its
+    predictions (rounded to 1e-4: what stays the same when a converter's bytes do not); a format more than
+    ``max_drop_points`` below the reference's accuracy is refused (:func:`check_drop`)."""
+    import hashlib
+
+    results = {fmt: agreement(y, reference, p) for fmt, p in probs.items()}
+    for fmt, p in probs.items():
+        results[fmt]["max_probability_diff_float32"] = float(np.abs(p - reference32).max()) if len(y) else 0.0
+        results[fmt]["predictions_sha256"] = hashlib.sha256(np.round(p, 4).astype("<f4").tobytes()).hexdigest()
+    reference_accuracy = float(np.mean(reference.argmax(1) == y))
+    for fmt, r in results.items():
+        check_drop(fmt, r["test_accuracy"], reference_accuracy, max_drop_points)
+    return results
