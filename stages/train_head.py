@@ -1,4 +1,5 @@
-"""Train-head stage: fit the dense head on the cached features; keep the best (lowest val_loss) model.
+"""Train-head stage: fit the dense head on the cached features; keep the best (lowest val_loss) model. The fit
+runs a whole epoch per call of its compiled step (steps_per_execution = batches per epoch: the same updates).
 
 Outputs models/head.keras (byte-reproducible), reports/metrics/head.json (validation metrics of the kept model),
 reports/plots/head.csv (per-epoch curves for `dvc plots show`).
