@@ -11,6 +11,8 @@ model is logged as an MLflow pyfunc taking raw images (with the same TTA), regis
 evaluate.calibrate: temperature fits one temperature on the validation set's probabilities (the same model and TTA)
 and applies it to every reported probability, the Grad-CAM titles and the registered model (xfer.nets.calibrate);
 models/calibration.json keeps it; test_ece_uncalibrated is the ECE before.
+models/test_probabilities.npy keeps the reported test probabilities (float32, in test manifest order, classes in
+data/raw/classes.json order): the reference the export stage checks its files against (no Keras pass of its own).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from xfer.data.paths import (
     METRICS,
     PLOTS,
     REPORTS,
+    TEST_PROBABILITIES,
     image_paths,
     load_features,
     read_manifest,
@@ -107,6 +110,8 @@ def main(cfg: DictConfig) -> None:
         compared = [k for k in COMPARED if k in metrics and (k != "test_accuracy_without_tta" or tta)]
         write_json(REPORT, metrics)
         write_json(METRICS / "evaluate.json", {k: round(float(metrics[k]), 6) for k in compared})
+        with atomic_path(TEST_PROBABILITIES) as tmp, open(tmp, "wb") as fh:  # the reference export checks against
+            np.save(fh, np.asarray(probs, dtype="<f4"))
         pred = probs.argmax(axis=1)
         with atomic_path(PLOTS / "test_predictions.csv") as tmp:
             pd.DataFrame({"path": test_manifest["path"], "actual": test_manifest["class"],

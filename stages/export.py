@@ -1,18 +1,19 @@
 """Export stage: the final model as deployable files (export.formats: SavedModel, LiteRT float16, LiteRT int8,
 ONNX; see xfer/nets/export.py for what the graph takes and returns), each checked by its own runtime on the test
-images against the Keras model.
+images against the Keras model: the test probabilities evaluate reported (models/test_probabilities.npy), so the
+Keras model is not run again (only its float32 copy, when it computes in another precision).
 
 Outputs models/export/ (the files, and model.json describing input, output and classes), reports/export.json and
 reports/metrics/export.json (per format: test accuracy and its difference to the Keras model, largest probability
 difference, class agreement, size, single-image and batch-32 latency on this CPU, and the seconds its conversion,
-check and latency timing took). A format more than export.max_accuracy_drop points below the Keras model fails
+check and latency timing took; with export.keras_latency: true also the Keras model's latency and each format's
+speed-up over it). A format more than export.max_accuracy_drop points below the Keras model fails
 the stage and nothing is written. The files are logged to this stage's MLflow run and tagged on the model version
 evaluate registered.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -23,13 +24,23 @@ from omegaconf import DictConfig
 from xfer import XferError
 from xfer.core.config import run_cli
 from xfer.core.files import atomic_dir, read_json, write_json
-from xfer.data.paths import CLASSES, FINAL_MODEL, METRICS, MODELS, REPORTS, RUNS, image_paths, read_manifest
+from xfer.data.paths import (
+    CALIBRATION,
+    CLASSES,
+    FINAL_MODEL,
+    METRICS,
+    MODELS,
+    REPORTS,
+    RUNS,
+    TEST_PROBABILITIES,
+    image_paths,
+    read_manifest,
+)
 from xfer.track.recorder import log_artifact, log_dict, log_metrics
 from xfer.track.runs import log_inputs, stage_run
 from xfer.track.store import answers, tracking_uri
 
 EXPORT = MODELS / "export"
-CALIBRATION = MODELS / "calibration.json"
 REPORT = REPORTS / "export.json"
 # Per format in reports/metrics/export.json (as <format>_<key>); the rest stays in reports/export.json.
 COMPARED = ("test_accuracy", "accuracy_diff_points", "max_probability_diff", "class_agreement", "size_mb",
@@ -40,15 +51,15 @@ def main(cfg: DictConfig) -> None:
     from xfer.data.images import image_dataset
     from xfer.nets.export import (
         FORMATS,
-        agreement,
-        check_drop,
         check_formats,
+        compare_formats,
         computes_in_float32,
         digest,
         export_files,
         export_graph,
         model_card,
         read_temperature,
+        reference_probabilities,
         representative_set,
         size_bytes,
     )
@@ -66,48 +77,43 @@ def main(cfg: DictConfig) -> None:
     temperature = read_temperature(CALIBRATION)
     test = read_manifest("test")
     y = test["label"].to_numpy()
+    # The reference: the probabilities evaluate reported (the Keras model in its own precision, with the TTA and
+    # temperature the graph applies), instead of a Keras pass of our own over the test images.
+    reference = reference_probabilities(TEST_PROBABILITIES, len(y), len(classes))
+    timed = bool(e.keras_latency)
     with stage_run("export", cfg, ["export", "evaluate.tta", "seed", "backbone.name"]) as run:
         log_inputs(cfg, "train", "test")
         model = Predictor.load(FINAL_MODEL, CLASSES).model
         size = int(model.input_shape[1])
-        keras_graph = export_graph(model, tta, temperature, float32=False)
         graph = export_graph(model, tta, temperature)
-        # a second Keras pass only when the model's precision is not float32 (its augmentation layers, identity
-        # at inference, change nothing the float32 copy would predict)
+        # a Keras pass only when the model's precision is not float32: the float32 graph the converters saw is
+        # compared too (what conversion alone changes; its augmentation layers, identity at inference, change nothing)
         mixed = not computes_in_float32(model)
         rep = representative_set(image_paths(read_manifest("train")), size, int(e.representative_images), int(cfg.seed))
         with atomic_dir(EXPORT) as tmp:
             convert: dict[str, float] = {}
             files = export_files(graph, formats, tmp, rep, convert)
             runtimes = {fmt: Runtime(path) for fmt, path in files.items()}
-            # The reference is the Keras model as evaluate ran it (in its own precision); when that is not float32,
-            # the float32 graph the converters saw is also compared (what conversion alone changes).
-            runs = {"keras": lambda b: keras_graph.predict(b, verbose=0, batch_size=32),
-                    **{fmt: rt.run for fmt, rt in runtimes.items()}}
+            runs = {fmt: rt.run for fmt, rt in runtimes.items()}
             if mixed:
                 runs["keras_float32"] = lambda b: graph.predict(b, verbose=0, batch_size=32)
             probs, check, batch = timed_passes(runs, (x.numpy() for x, _ in image_dataset(image_paths(test), y,
                                                                                         size, 32)))
-            reference = probs.pop("keras")
             ref32 = probs.pop("keras_float32", reference)
             ref_acc = float(np.mean(reference.argmax(1) == y))
-            results = {fmt: agreement(y, reference, p) for fmt, p in probs.items()}
-            for fmt, p in probs.items():
-                results[fmt]["max_probability_diff_float32"] = float(np.abs(p - ref32).max())
-                # what stays the same when a converter's bytes do not (SavedModel, ONNX): the test predictions
-                results[fmt]["predictions_sha256"] = hashlib.sha256(np.round(p, 4).astype("<f4").tobytes()).hexdigest()
-            for fmt, r in results.items():
-                check_drop(fmt, r["test_accuracy"], ref_acc, float(e.max_accuracy_drop))
+            results = compare_formats(y, reference, ref32, probs, float(e.max_accuracy_drop))
             float32_bytes = 4 * int(model.count_params())
             one, many = batch[:1], np.concatenate([batch] * -(-32 // len(batch)))[:32]
-            repeats, start = int(e.latency_repeats), time.perf_counter()
+            repeats = int(e.latency_repeats)
             keras = {"test_accuracy": ref_acc, "float32_test_accuracy": float(np.mean(ref32.argmax(1) == y)),
-                     "size_mb": float32_bytes / 1e6, "size_vs_float32": 1.0,
-                     "latency_1_ms": latency_ms(lambda b: keras_graph.predict(b, verbose=0), one, repeats),
-                     "latency_32_ms": latency_ms(lambda b: keras_graph.predict(b, verbose=0), many, repeats),
-                     "latency_1_call_ms": latency_ms(lambda b: keras_graph(b, training=False), one, repeats)}
-            seconds = {"saved_model_trace": convert.get("savedmodel", 0.0), "read_test_images": check.pop("read"),
-                       "keras_check": check.pop("keras"), "keras_latency": time.perf_counter() - start}
+                     "size_mb": float32_bytes / 1e6, "size_vs_float32": 1.0}
+            seconds = {"saved_model_trace": convert.get("savedmodel", 0.0), "read_test_images": check.pop("read")}
+            if timed:  # export.keras_latency: the Keras model (its own precision) timed on the same batches
+                start, own = time.perf_counter(), export_graph(model, tta, temperature, float32=False)
+                keras.update(latency_1_ms=latency_ms(lambda b: own.predict(b, verbose=0), one, repeats),
+                             latency_32_ms=latency_ms(lambda b: own.predict(b, verbose=0), many, repeats),
+                             latency_1_call_ms=latency_ms(lambda b: own(b, training=False), one, repeats))
+                seconds["keras_latency"] = time.perf_counter() - start
             if mixed:
                 seconds["keras_float32_check"] = check.pop("keras_float32")
             for fmt, r in results.items():
@@ -115,23 +121,24 @@ def main(cfg: DictConfig) -> None:
                 r.update(file=FORMATS[fmt], sha256=digest(files[fmt]), size_mb=size_bytes(files[fmt]) / 1e6,
                          size_vs_float32=size_bytes(files[fmt]) / float32_bytes,
                          latency_1_ms=latency_ms(rt.run, one, repeats), latency_32_ms=latency_ms(rt.run, many, repeats))
-                r["speedup_1"] = keras["latency_1_ms"] / r["latency_1_ms"]
+                if timed:
+                    r["speedup_1"] = keras["latency_1_ms"] / r["latency_1_ms"]
                 r["seconds"] = {"convert": convert[fmt], "check": check[fmt], "latency": time.perf_counter() - start}
             write_json(tmp / "model.json", model_card(size, classes, tta, temperature, cfg.backbone.name, files))
             del runtimes
+        keras_timing = ("Keras: model.predict (latency_1_call_ms: model(x) without predict's overhead) of the same "
+                        "graph" if timed else "Keras not timed (export.keras_latency: false)")
         report = {"cpu": cpu_name(), "test_images": len(y), "tta": tta, "temperature": temperature,
-                  "float32": not mixed,
-                  "latency": f"median of {repeats} runs after 2 warm-ups; Keras: model.predict (latency_1_call_ms: "
-                  "model(x) without predict's overhead) of the same graph",
-                  "reference": "the Keras model as evaluate runs it (its own precision); max_probability_diff_float32: "
-                  "against the float32 graph the converters were given",
-                  "seconds": "wall time of each format's conversion, check (its runtime on the test images) and "
-                  "latency timing; saved_model_trace: the SavedModel the LiteRT converters start from (savedmodel's "
-                  "conversion, paid for any LiteRT format too)", "stage_seconds": seconds, "keras": keras,
-                  "formats": results}
+                  "float32": not mixed, "latency": f"median of {repeats} runs after 2 warm-ups; {keras_timing}",
+                  "reference": f"evaluate's test probabilities ({TEST_PROBABILITIES}: the Keras model as evaluate ran "
+                  "it, in its own precision); max_probability_diff_float32: against the float32 graph the converters "
+                  "were given", "seconds": "wall time of each format's conversion, check (its runtime on the test "
+                  "images) and latency timing; saved_model_trace: the SavedModel the LiteRT converters start from "
+                  "(savedmodel's conversion, paid for any LiteRT format too)", "stage_seconds": seconds,
+                  "keras": keras, "formats": results}
         write_json(REPORT, report)
         flat = {f"keras_{k}": round(float(v), 6) for k, v in keras.items()}
-        flat.update({f"{fmt}_{k}": round(float(r[k]), 6) for fmt, r in results.items() for k in COMPARED})
+        flat.update({f"{fmt}_{k}": round(float(r[k]), 6) for fmt, r in results.items() for k in COMPARED if k in r})
         flat.update({f"{fmt}_{k}_seconds": round(v, 3) for fmt, r in results.items() for k, v in r["seconds"].items()})
         flat.update({f"{k}_seconds": round(v, 3) for k, v in seconds.items()})
         write_json(METRICS / "export.json", flat)
@@ -146,7 +153,8 @@ def main(cfg: DictConfig) -> None:
             version = "model version not tagged: the tracking server did not answer (`dvc repro -f export` later)"
     shown = {fmt: {"acc_diff": round(r["accuracy_diff_points"], 2), "MB": round(r["size_mb"], 2),
                    "ms": round(r["latency_1_ms"], 2)} for fmt, r in results.items()}
-    print(f"export: {json.dumps(shown)}; keras {keras['latency_1_ms']:.1f} ms/image; {version}")
+    keras_ms = f"keras {keras['latency_1_ms']:.1f} ms/image; " if timed else ""
+    print(f"export: {json.dumps(shown)}; {keras_ms}{version}")
 
 
 if __name__ == "__main__":

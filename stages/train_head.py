@@ -1,4 +1,5 @@
-"""Train-head stage: fit the dense head on the cached features; keep the best (lowest val_loss) model.
+"""Train-head stage: fit the dense head on the cached features; keep the best (lowest val_loss) model. The fit
+runs a whole epoch per call of its compiled step (steps_per_execution = batches per epoch: the same updates).
 
 Outputs models/head.keras (byte-reproducible), reports/metrics/head.json (validation metrics of the kept model),
 reports/plots/head.csv (per-epoch curves for `dvc plots show`).
@@ -43,8 +44,12 @@ def main(cfg: DictConfig) -> None:
         with tempfile.TemporaryDirectory() as tmp, atomic_path(PLOTS / "head.csv") as curves:
             extra = [keras.callbacks.CSVLogger(str(curves)), epoch_logger(), progress_bar("train_head")]
             with xla_errors():
+                # a whole epoch per call of the compiled step: the same updates, ~1 call per epoch instead of one
+                # per batch (the callbacks are per epoch; the progress bar counts every step, a signal stops the fit
+                # after the epoch it arrived in)
                 model, history = fit_head(x_train, y_train, x_val, y_val, h, n_classes, Path(tmp) / "best.weights.h5",
-                                          extra, jit, before_compile=lambda: check_loss_scaling(strategy))
+                                          extra, jit, before_compile=lambda: check_loss_scaling(strategy),
+                                          steps_per_execution=-(-len(x_train) // int(h.batch_size)))
             save_model(model, HEAD_MODEL)
         val_loss, val_acc = model.evaluate(x_val, y_val, batch_size=int(h.batch_size), verbose=0)
         metrics = {"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_acc), 6)}

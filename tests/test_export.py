@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import TINY, tiny_project
 from xfer import XferError
+from xfer.core.config import load_params
 from xfer.core.files import read_json
 from xfer.nets.backbones import Preprocess
 from xfer.nets.export import (
@@ -303,7 +304,14 @@ def test_the_stage_reports_each_format_against_the_keras_model(tiny_run):
             assert metrics[f"{fmt}_{key}"] == pytest.approx(r[key], abs=1e-6)
         assert set(r["seconds"]) == {"convert", "check", "latency"} and all(v > 0 for v in r["seconds"].values())
         assert all(metrics[f"{fmt}_{k}_seconds"] == pytest.approx(v, abs=1e-3) for k, v in r["seconds"].items())
-    assert set(report["stage_seconds"]) == {"saved_model_trace", "read_test_images", "keras_check", "keras_latency"}
+    # no Keras pass of its own (the reference is evaluate's probabilities) and no Keras timing unless asked
+    assert set(report["stage_seconds"]) == {"saved_model_trace", "read_test_images"}
+    assert not {"latency_1_ms", "latency_32_ms", "latency_1_call_ms"} & set(report["keras"])
+    assert not [k for k in metrics if k.startswith("keras_latency") or k.endswith("speedup_1")]
+    assert all("speedup_1" not in r for r in report["formats"].values())
+    reference = np.load(root / "models/test_probabilities.npy")
+    labels = pd.read_csv(root / "data/splits/test.csv")["label"].to_numpy()
+    assert report["keras"]["test_accuracy"] == float(np.mean(reference.argmax(1) == labels))
     assert metrics["saved_model_trace_seconds"] == pytest.approx(report["formats"]["savedmodel"]["seconds"]["convert"],
                                                                  abs=1e-3)
     sizes = {fmt: r["size_vs_float32"] for fmt, r in report["formats"].items()}
@@ -373,3 +381,70 @@ def test_a_rerun_repeats_the_predictions_and_an_accuracy_drop_fails_leaving_the_
     assert {p.name: digest(p) for p in (root / "models/export").iterdir()} == before
     assert (root / "reports/export.json").read_bytes() == report
     assert not [p for p in (root / "models").iterdir() if p.name.startswith(".")]
+
+
+# Last in this module: they rerun the stage with other files and formats.
+def test_a_missing_or_mismatched_reference_is_refused_in_one_line_naming_it(tiny_run):
+    from stages import export
+
+    root, _ = tiny_run
+    path = root / "models/test_probabilities.npy"
+    saved, before = path.read_bytes(), {p.name: digest(p) for p in (root / "models/export").iterdir()}
+    cfg = load_params([*TINY, *EXTRA])
+    try:
+        path.unlink()
+        with pytest.raises(XferError, match=r"^models/test_probabilities.npy not found .*run `dvc repro evaluate`"):
+            export.main(cfg)
+        for shape in ((11, 2), (12, 3), (12,)):
+            np.save(path, np.full(shape, 0.5, np.float32))
+            with pytest.raises(XferError) as err:
+                export.main(cfg)
+            assert str(err.value).startswith(f"models/test_probabilities.npy holds {'x'.join(map(str, shape))} ")
+            assert "12 images of 2 classes" in str(err.value) and "\n" not in str(err.value)
+        path.write_bytes(b"not an array")
+        with pytest.raises(XferError, match=r"^models/test_probabilities.npy: not a readable .npy file"):
+            export.main(cfg)
+    finally:
+        path.write_bytes(saved)
+    assert {p.name: digest(p) for p in (root / "models/export").iterdir()} == before
+
+
+def test_each_format_is_gated_against_evaluates_probabilities(tiny_run):
+    """The reference is the file, not a Keras pass: a perfect reference (100 %) makes a format that is not
+    perfect fail export.max_accuracy_drop; a lax gate reports the format against it."""
+    from stages import export
+
+    root, _ = tiny_run
+    path = root / "models/test_probabilities.npy"
+    saved = path.read_bytes()
+    labels = pd.read_csv(root / "data/splits/test.csv")["label"].to_numpy()
+    accuracy = read_json(root / "reports/export.json")["formats"]["litert_float16"]["test_accuracy"]
+    assert accuracy < 1  # a random-weight model on 12 test images: the gate has something to catch
+    try:
+        np.save(path, np.eye(2, dtype=np.float32)[labels])
+        cfg = [*TINY, *EXTRA, "export.formats=[litert_float16]"]
+        with pytest.raises(XferError, match=r"^export litert_float16: test accuracy [\d.]+% is [\d.]+ points below "
+                                            r"the Keras model's 100.00% \(export.max_accuracy_drop 0.5\)"):
+            export.main(load_params([*cfg, "export.max_accuracy_drop=0.5"]))
+        export.main(load_params(cfg))
+        report = read_json(root / "reports/export.json")
+        r = report["formats"]["litert_float16"]
+        assert report["keras"]["test_accuracy"] == 1.0 and r["test_accuracy"] == pytest.approx(accuracy)
+        assert r["accuracy_diff_points"] == pytest.approx(100 * (accuracy - 1)) and r["max_probability_diff"] > 0.5
+    finally:
+        path.write_bytes(saved)
+
+
+def test_keras_latency_is_measured_only_when_asked(tiny_run):
+    from stages import export
+
+    root, _ = tiny_run
+    export.main(load_params([*TINY, *EXTRA, "export.formats=[litert_float16]", "export.keras_latency=true"]))
+    report, metrics = read_json(root / "reports/export.json"), read_json(root / "reports/metrics/export.json")
+    k, r = report["keras"], report["formats"]["litert_float16"]
+    assert all(k[key] > 0 for key in ("latency_1_ms", "latency_32_ms", "latency_1_call_ms"))
+    assert r["speedup_1"] == pytest.approx(k["latency_1_ms"] / r["latency_1_ms"])
+    assert metrics["keras_latency_1_ms"] == pytest.approx(k["latency_1_ms"], abs=1e-6)
+    assert metrics["litert_float16_speedup_1"] == pytest.approx(r["speedup_1"], abs=1e-6)
+    assert set(report["stage_seconds"]) == {"saved_model_trace", "read_test_images", "keras_latency"}
+    assert "model.predict" in report["latency"]

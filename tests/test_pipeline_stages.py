@@ -79,6 +79,18 @@ def test_head_and_finetune_outputs(tiny_run):
     assert (root / "models/head.keras").is_file() and (root / "models/model.keras").is_file()
 
 
+def test_the_head_is_fitted_a_whole_epoch_per_call(tiny_run):
+    """train_head: steps_per_execution = the batches of one epoch (the same updates, one call per epoch)."""
+    import keras
+    import mlflow
+
+    root, cfg = tiny_run
+    run = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(
+        read_json(root / "reports/runs/train_head.json")["run_id"])
+    batches = -(-int(run.data.metrics["train_rows"]) // int(cfg.head.batch_size))
+    assert batches > 1 and keras.saving.load_model(str(root / "models/head.keras")).steps_per_execution == batches
+
+
 def test_evaluate_scores_the_image_model_and_the_head(tiny_run):
     root, _ = tiny_run
     m = read_json(root / "reports/metrics/evaluate.json")
@@ -416,3 +428,26 @@ def test_evaluate_keeps_its_outputs_when_the_server_is_gone_before_registering(t
     assert read_json(root / "reports/runs/evaluate.json")["run_id"] in {
         r.info.run_id for r in client.search_runs([client.get_experiment_by_name("synthetic").experiment_id],
                                                   "attributes.status = 'FINISHED' and tags.stage = 'evaluate'")}
+
+
+def test_evaluate_keeps_the_test_probabilities_it_reported_byte_reproducibly(tiny_run):
+    """models/test_probabilities.npy (a cached output, export's reference): the calibrated TTA probabilities behind
+    every reported number, in test manifest order; the same inputs give the same bytes."""
+    from stages import evaluate
+
+    root, _ = tiny_run
+    params = load_params([*TINY, *SCRATCH, "evaluate.register=false"])
+    evaluate.main(params)
+    first = (root / "models/test_probabilities.npy").read_bytes()
+    probs = np.load(root / "models/test_probabilities.npy")
+    preds = pd.read_csv(root / "reports/plots/test_predictions.csv")
+    classes = read_json(root / "data/raw/classes.json")
+    assert probs.shape == (12, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert [classes[i] for i in probs.argmax(1)] == list(preds["predicted"])
+    np.testing.assert_allclose(probs.max(1), preds["probability"], atol=1e-6)
+    labels = [classes.index(c) for c in preds["actual"]]
+    accuracy = read_json(root / "reports/evaluate.json")["test_accuracy"]
+    assert np.mean(probs.argmax(1) == labels) == pytest.approx(accuracy)
+    evaluate.main(params)
+    assert (root / "models/test_probabilities.npy").read_bytes() == first

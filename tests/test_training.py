@@ -112,3 +112,59 @@ def test_three_classes_end_to_end(project, tmp_path, monkeypatch):
     assert model.output_shape == (None, 3)
     assert read_json("reports/evaluate.json")["test_images"] == 9
     assert 0 <= read_json("reports/metrics/finetune.json")["val_accuracy"] <= 1
+
+
+def test_a_whole_epoch_per_call_gives_the_same_head_and_the_bar_counts_every_step(tmp_path):
+    """train_head's fit runs an epoch per call of the compiled step (steps_per_execution = batches per epoch): the
+    same shuffles, dropout and updates as one batch per call (to float tolerance), the callbacks once per call, and
+    the progress bar still reaching every step."""
+    import keras
+
+    from xfer.core.runtime import progress_bar
+    from xfer.nets.models import fit_head
+
+    rng = np.random.default_rng(0)
+    x, xv = rng.normal(size=(100, 16)).astype("float32"), rng.normal(size=(30, 16)).astype("float32")
+    y, yv = (x[:, :3].sum(1) > 0).astype("int32"), (xv[:, :3].sum(1) > 0).astype("int32")
+    h = head_cfg(units=8, dropout=0.3, epochs=4, batch_size=16, patience=None, reduce_lr_patience=None)
+    calls, runs = [], {}
+    for spe in (1, 7):  # 100 rows / 16: 7 batches per epoch, the last one short
+        keras.utils.set_random_seed(0)
+        bar = progress_bar(f"spe {spe}")
+        count = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs, s=spe: calls.append(s))
+        model, history = fit_head(x, y, xv, yv, h, 2, tmp_path / f"{spe}.weights.h5", [count, bar],
+                                  steps_per_execution=spe)
+        assert model.steps_per_execution == spe
+        assert bar.bar.n == bar.bar.total == 4 * 7
+        runs[spe] = (model.get_weights(), history.history)
+    assert calls.count(1) == 4 * 7 and calls.count(7) == 4
+    for a, b in zip(runs[1][0], runs[7][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    for key in ("loss", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(runs[1][1][key], runs[7][1][key], rtol=0, atol=1e-5)
+
+
+def test_a_signal_stops_a_whole_epoch_fit_at_the_end_of_the_call(monkeypatch, tmp_path):
+    """With several steps per call the progress bar's step boundary is the end of the call: a signal TensorFlow
+    swallowed during the first epoch ends the fit there."""
+    import signal
+
+    import keras
+
+    from xfer.core import signals
+    from xfer.core.runtime import progress_bar
+    from xfer.nets.models import fit_head
+
+    monkeypatch.setattr(signals, "received", [])
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    h = head_cfg(units=4, epochs=50, batch_size=8, patience=None, reduce_lr_patience=None)
+    epochs = []
+    seen = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: signals.received.append(
+        signal.SIGTERM), on_epoch_end=lambda epoch, logs: epochs.append(epoch))
+    bar = progress_bar("signal")
+    with pytest.raises(signals.Terminated):
+        fit_head(x, y, x, y, h, 2, tmp_path / "b.weights.h5", [seen, bar], steps_per_execution=8)
+    assert bar.bar.n == 8 and epochs == []  # one call: the first epoch's 8 steps, then stopped
+    bar.on_train_end()

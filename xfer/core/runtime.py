@@ -141,16 +141,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def progress_bar(desc: str):
     """A Keras callback drawing one tqdm bar over all training steps, with the epoch and the latest
-    loss/accuracy (train and validation) as its postfix. Use with ``fit(verbose=0)``. After each step it raises
-    a Ctrl-C/SIGTERM again that something inside TensorFlow swallowed (xfer.core.signals), so training stops."""
+    loss/accuracy (train and validation) as its postfix. Use with ``fit(verbose=0)``. After each call of the
+    compiled step (one batch, or ``steps_per_execution`` of them: the bar counts them all) it raises a
+    Ctrl-C/SIGTERM again that something inside TensorFlow swallowed (xfer.core.signals), so training stops."""
     import keras
     from tqdm import tqdm
 
     class ProgressBar(keras.callbacks.Callback):
         def on_train_begin(self, logs=None) -> None:
-            self.epochs, steps = self.params.get("epochs") or 1, self.params.get("steps")
-            self.bar = tqdm(total=self.epochs * steps if steps else None, desc=desc, unit="step", file=sys.stderr,
-                            mininterval=1.0, dynamic_ncols=True)
+            self.epochs, self.steps = self.params.get("epochs") or 1, self.params.get("steps")
+            self.bar = tqdm(total=self.epochs * self.steps if self.steps else None, desc=desc, unit="step",
+                            file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
             self.epoch = 0
 
         def on_epoch_begin(self, epoch: int, logs=None) -> None:
@@ -158,7 +159,10 @@ def progress_bar(desc: str):
             self.bar.set_postfix_str(f"epoch {self.epoch}/{self.epochs}", refresh=False)
 
         def on_train_batch_end(self, batch: int, logs=None) -> None:
-            self.bar.update(1)
+            # ``batch``: the last step of the call (steps_per_execution > 1 runs several, e.g. a whole epoch)
+            done = ((max(self.epoch, 1) - 1) * self.steps + min(batch + 1, self.steps) if self.steps
+                    else self.bar.n + 1)
+            self.bar.update(max(done - self.bar.n, 0))
             signals.raise_if_interrupted()
 
         def on_epoch_end(self, epoch: int, logs=None) -> None:

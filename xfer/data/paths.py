@@ -20,6 +20,8 @@ MODELS = Path("models")
 HEAD_MODEL = MODELS / "head.keras"
 FINAL_MODEL = MODELS / "model.keras"
 CALIBRATION = MODELS / "calibration.json"  # evaluate's temperature (xfer.nets.calibrate)
+# evaluate's final test probabilities (calibrated, with TTA; test manifest order): export's reference
+TEST_PROBABILITIES = MODELS / "test_probabilities.npy"
 REPORTS = Path("reports")
 METRICS = REPORTS / "metrics"
 PLOTS = REPORTS / "plots"

@@ -349,6 +349,24 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def reference_probabilities(path: str | Path, rows: int, n_classes: int) -> np.ndarray:
+    """Evaluate's test probabilities (models/test_probabilities.npy: what it reported, calibrated and with its TTA,
+    i.e. what the exported graph must reproduce), checked against the test manifest's rows and the classes; a
+    missing, unreadable or mismatched file is refused in one line."""
+    path = Path(path)
+    redo = "; run `dvc repro evaluate` first"
+    if not path.is_file():
+        raise XferError(f"{path} not found (evaluate's test probabilities, the export reference){redo}")
+    try:
+        probs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise XferError(f"{path}: not a readable .npy file ({' '.join(str(exc).split())[:100]}){redo}") from None
+    if probs.ndim != 2 or probs.shape != (rows, n_classes):
+        raise XferError(f"{path} holds {'x'.join(map(str, probs.shape))} probabilities but the test manifest has "
+                        f"{rows} images of {n_classes} classes (written for other data){redo}")
+    return probs.astype(np.float32, copy=False)
+
+
 def agreement(y: np.ndarray, reference: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """One exported file's test predictions against the Keras model's: accuracy, its difference in points, the
     largest absolute probability difference, the share of images given the same class."""
@@ -365,3 +383,21 @@ def check_drop(fmt: str, accuracy: float, reference: float, max_drop_points: flo
         raise XferError(f"export {fmt}: test accuracy {100 * accuracy:.2f}% is {drop:.2f} points below the Keras "
                         f"model's {100 * reference:.2f}% (export.max_accuracy_drop {max_drop_points}); nothing "
                         "was written")
+
+
+def compare_formats(y: np.ndarray, reference: np.ndarray, reference32: np.ndarray, probs: dict[str, np.ndarray],
+                    max_drop_points: float) -> dict[str, dict]:
+    """Each format's test probabilities against the reference (:func:`agreement`; ``max_probability_diff_float32``
+    against the float32 graph's, the same array when the model computes in float32), with a digest of its
+    predictions (rounded to 1e-4: what stays the same when a converter's bytes do not); a format more than
+    ``max_drop_points`` below the reference's accuracy is refused (:func:`check_drop`)."""
+    import hashlib
+
+    results = {fmt: agreement(y, reference, p) for fmt, p in probs.items()}
+    for fmt, p in probs.items():
+        results[fmt]["max_probability_diff_float32"] = float(np.abs(p - reference32).max()) if len(y) else 0.0
+        results[fmt]["predictions_sha256"] = hashlib.sha256(np.round(p, 4).astype("<f4").tobytes()).hexdigest()
+    reference_accuracy = float(np.mean(reference.argmax(1) == y))
+    for fmt, r in results.items():
+        check_drop(fmt, r["test_accuracy"], reference_accuracy, max_drop_points)
+    return results

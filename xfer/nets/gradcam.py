@@ -123,14 +123,15 @@ def explain_images(model, paths: list[str], y: np.ndarray, probs: np.ndarray, cl
 
     size = int(model.input_shape[1])
     wrong, right = pick(y, probs, n_wrong, n_right_per_class)
-    parts = split_model(model)
     pred, conf = probs.argmax(axis=1), probs.max(axis=1)
-    for chosen, out, empty in ((wrong, wrong_png, "no misclassified test images"),
-                               (right, right_png, "no correctly classified test images")):
-        images = np.stack([load_resized(paths[i], size) for i in chosen]) if chosen else np.zeros((0, size, size, 3))
-        cams = heatmaps(model, images, pred[chosen], parts) if chosen else images[..., 0]
+    both = wrong + right  # one gradient pass for both grids (each first call of a batch shape sets up its kernels)
+    images = np.stack([load_resized(paths[i], size) for i in both]) if both else np.zeros((0, size, size, 3))
+    cams = heatmaps(model, images, pred[both]) if both else images[..., 0]
+    for k, (chosen, out, empty) in enumerate(((wrong, wrong_png, "no misclassified test images"),
+                                              (right, right_png, "no correctly classified test images"))):
+        rows = slice(0, len(wrong)) if k == 0 else slice(len(wrong), len(both))
         titles = [f"true {classes[y[i]]}\npred {classes[pred[i]]} ({conf[i]:.2f})" for i in chosen]
         with atomic_path(out) as tmp:
-            explained_grid(images, [overlay(im, cam) for im, cam in zip(images, cams, strict=True)], titles, tmp,
-                           empty)
+            explained_grid(images[rows], [overlay(im, cam) for im, cam in zip(images[rows], cams[rows], strict=True)],
+                           titles, tmp, empty)
     return len(wrong), len(right)

@@ -160,7 +160,8 @@ def fit_head(x_train, y_train, x_val, y_val, hcfg: DictConfig, n_classes: int, c
     """Build, compile and fit the head on features exactly as the train_head stage does (the section's optimizer,
     loss, callbacks, class weights, ``epochs``, shuffled batches); return the model with the weights of its lowest
     ``val_loss`` epoch and the Keras history. ``checkpoint``: a ``.weights.h5`` path for the best weights;
-    ``steps_per_execution`` > 1 (xfer search) runs that many batches per call (per-batch callbacks see fewer);
+    ``steps_per_execution`` > 1 (train_head: a whole epoch; xfer search) runs that many batches per call, the same
+    updates (per-batch callbacks see one call; at most an epoch per call);
     ``model``: a head from :func:`new_head`, fitted as it is (after :func:`restart`, the k folds of one trial
     share their compiled steps instead of tracing them again)."""
     if model is None:

@@ -71,12 +71,14 @@ def confusion_figure(matrix: list[list[int]], classes: list[str]):
 
 
 GRID_TILE = 192  # px per image in the Grad-CAM grids (smaller inputs are scaled up to stay readable)
+PNG_LEVEL = 1  # zlib level of the photo grids: photos barely compress further, and level 6 took seconds
 
 
 def explained_grid(images: np.ndarray, overlays: list[np.ndarray], titles: list[str], out, empty: str) -> None:
     """Save a PNG grid, two examples per row: each image (0-255) beside its heatmap overlay, titled; ``empty`` is
     written instead when there is no image. Drawn with Pillow (a few milliseconds; matplotlib took seconds per
-    grid), deterministic bytes for the same inputs."""
+    grid), deterministic bytes for the same inputs. Saved at zlib level 1: the same pixels as the default level 6,
+    ~8 % larger and ~5x faster to write (a 1320x2904 grid of 320 px photos: 0.3 s instead of 1.4 s)."""
     from PIL import Image, ImageDraw, ImageFont
 
     per_row, tile = 2, max(GRID_TILE, int(images.shape[1]) if len(images) else 0)
@@ -95,7 +97,7 @@ def explained_grid(images: np.ndarray, overlays: list[np.ndarray], titles: list[
                                 align="center", spacing=2)
     if not len(images):
         draw.text((sheet.width // 2, sheet.height // 2), empty, fill="black", font=font, anchor="mm")
-    sheet.save(out, format="png")
+    sheet.save(out, format="png", compress_level=PNG_LEVEL)
 
 
 def file_grid(paths: list, titles: list[str], empty: str, per_row: int = 4, thumb: int = 160):
