@@ -47,6 +47,18 @@ COMPARED = ("test_accuracy", "accuracy_diff_points", "max_probability_diff", "cl
             "size_vs_float32", "latency_1_ms", "latency_32_ms", "speedup_1")
 
 
+def nothing_to_export(cfg: DictConfig, card: dict) -> None:
+    """export.formats: [] (the default): no file to convert or check, so a head edit's rerun costs nothing here;
+    models/export/ holds only the model card, the registered MLflow model (evaluate) is what ships."""
+    with stage_run("export", cfg, ["export", "evaluate.tta", "seed", "backbone.name"]):
+        with atomic_dir(EXPORT) as tmp:
+            write_json(tmp / "model.json", card)
+        write_json(REPORT, {"formats": {}, "exported": "nothing: export.formats is empty"})
+        write_json(METRICS / "export.json", {})
+    print("export: nothing exported (export.formats is empty); list the formats you ship, e.g. "
+          "dvc exp run -S 'export.formats=[litert_float16]'")
+
+
 def main(cfg: DictConfig) -> None:
     from xfer.data.images import image_dataset
     from xfer.nets.export import (
@@ -80,6 +92,9 @@ def main(cfg: DictConfig) -> None:
     # The reference: the probabilities evaluate reported (the Keras model in its own precision, with the TTA and
     # temperature the graph applies), instead of a Keras pass of our own over the test images.
     reference = reference_probabilities(TEST_PROBABILITIES, len(y), len(classes))
+    if not formats:
+        return nothing_to_export(cfg, model_card(int(cfg.backbone.image_size), classes, tta, temperature,
+                                                 cfg.backbone.name, {}))
     timed = bool(e.keras_latency)
     with stage_run("export", cfg, ["export", "evaluate.tta", "seed", "backbone.name"]) as run:
         log_inputs(cfg, "train", "test")

@@ -261,8 +261,7 @@ def test_bad_formats_and_an_accuracy_drop_are_one_line():
     assert check_formats(["onnx", "savedmodel"]) == ["savedmodel", "onnx"]
     with pytest.raises(XferError, match="'tflite' is not one of savedmodel, litert_float16"):
         check_formats(["tflite"])
-    with pytest.raises(XferError, match="is empty"):
-        check_formats([])
+    assert check_formats([]) == [] and check_formats(None) == []  # nothing to export (the default)
     check_drop("onnx", 0.9, 0.904, 0.5)
     with pytest.raises(XferError, match=r"export litert_int8: test accuracy 89.00% is 1.00 points below the Keras "
                                         r"model's 90.00%"):
@@ -448,3 +447,21 @@ def test_keras_latency_is_measured_only_when_asked(tiny_run):
     assert metrics["litert_float16_speedup_1"] == pytest.approx(r["speedup_1"], abs=1e-6)
     assert set(report["stage_seconds"]) == {"saved_model_trace", "read_test_images", "keras_latency"}
     assert "model.predict" in report["latency"]
+
+
+def test_no_formats_writes_only_the_model_card_without_loading_the_model(tiny_run, capsys, monkeypatch):
+    """export.formats: [] (the default): nothing converted, checked or timed; the model card, an empty report and
+    metrics, one line saying how to list formats. Last in this file: it replaces the files the tests above read."""
+    from stages import export
+    from xfer.nets import serving
+
+    root, _ = tiny_run
+    monkeypatch.setattr(serving.Predictor, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    export.main(load_params([*TINY, *EXTRA, "export.formats=[]"]))
+    assert [p.name for p in (root / "models/export").iterdir()] == ["model.json"]
+    card = read_json(root / "models/export/model.json")
+    assert card["files"] == {} and card["input"]["shape"] == [None, 32, 32, 3] and card["tta"] == ["flip"]
+    assert read_json(root / "reports/export.json")["formats"] == {}
+    assert read_json(root / "reports/metrics/export.json") == {}
+    out = capsys.readouterr().out
+    assert "nothing exported (export.formats is empty)" in out and "export.formats=[litert_float16]" in out

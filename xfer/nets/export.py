@@ -33,13 +33,12 @@ TFLITE = ("litert_float16", "litert_int8")
 
 
 def check_formats(formats: Iterable[str]) -> list[str]:
-    """The formats to export, in FORMATS order; an unknown one is refused in one line."""
+    """The formats to export, in FORMATS order (none: the export stage only writes the model card); an unknown one
+    is refused in one line."""
     chosen = list(formats or [])
     for name in chosen:
         if name not in FORMATS:
             raise XferError(f"export.formats: '{name}' is not one of {', '.join(FORMATS)}")
-    if not chosen:
-        raise XferError(f"export.formats is empty; list one or more of {', '.join(FORMATS)}")
     return [f for f in FORMATS if f in chosen]
 
 
