@@ -37,7 +37,7 @@ IDLE_S = 1200.0
 PRELOAD = ("numpy", "pandas", "omegaconf", "psutil", "PIL.Image", "matplotlib", "matplotlib.pyplot",
            "sklearn.metrics", "sklearn.calibration", "sklearn.model_selection", "sklearn.linear_model",
            "mlflow", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store", "mlflow.models", "mlflow.pyfunc",
-           "keras.applications")
+           "alembic.command", "alembic.config", "git", "tqdm", "cleanlab.filter", "keras.applications")
 # Environment read when these libraries are imported (the rest is read later, in the child, from its own env).
 IMPORT_ENV = ("TF_", "ONEDNN_", "DNNL_", "XLA_", "KERAS_", "CUDA_", "OMP_", "MKL_", "OPENBLAS_", "PYTHON", "LD_",
               "MPL", "HOME", "LANG", "LC_", "XFER_TF_LOG_LEVEL", "TZ")
