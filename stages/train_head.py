@@ -46,10 +46,12 @@ def main(cfg: DictConfig) -> None:
             with xla_errors():
                 # a whole epoch per call of the compiled step: the same updates, ~1 call per epoch instead of one
                 # per batch (the callbacks are per epoch; the progress bar counts every step, a signal stops the fit
-                # after the epoch it arrived in)
+                # after the epoch it arrived in). One batch per call on several replicas: Keras 3.15's multi-step
+                # loop fails there ("You must feed a value for placeholder tensor ... while/cond/Placeholder_1").
+                per_call = -(-len(x_train) // int(h.batch_size)) if strategy.num_replicas_in_sync == 1 else 1
                 model, history = fit_head(x_train, y_train, x_val, y_val, h, n_classes, Path(tmp) / "best.weights.h5",
                                           extra, jit, before_compile=lambda: check_loss_scaling(strategy),
-                                          steps_per_execution=-(-len(x_train) // int(h.batch_size)))
+                                          steps_per_execution=per_call)
             save_model(model, HEAD_MODEL)
         val_loss, val_acc = model.evaluate(x_val, y_val, batch_size=int(h.batch_size), verbose=0)
         metrics = {"val_loss": round(float(val_loss), 6), "val_accuracy": round(float(val_acc), 6)}
