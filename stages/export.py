@@ -42,6 +42,7 @@ from xfer.track.store import answers, tracking_uri
 
 EXPORT = MODELS / "export"
 REPORT = REPORTS / "export.json"
+SECTIONS = ["export", "evaluate.tta", "seed", "backbone.name"]  # the params this stage reads, logged to its run
 # Per format in reports/metrics/export.json (as <format>_<key>); the rest stays in reports/export.json.
 COMPARED = ("test_accuracy", "accuracy_diff_points", "max_probability_diff", "class_agreement", "size_mb",
             "size_vs_float32", "latency_1_ms", "latency_32_ms", "speedup_1")
@@ -50,7 +51,7 @@ COMPARED = ("test_accuracy", "accuracy_diff_points", "max_probability_diff", "cl
 def nothing_to_export(cfg: DictConfig, card: dict) -> None:
     """export.formats: [] (the default): no file to convert or check, so a head edit's rerun costs nothing here;
     models/export/ holds only the model card, the registered MLflow model (evaluate) is what ships."""
-    with stage_run("export", cfg, ["export", "evaluate.tta", "seed", "backbone.name"]):
+    with stage_run("export", cfg, SECTIONS):
         with atomic_dir(EXPORT) as tmp:
             write_json(tmp / "model.json", card)
         write_json(REPORT, {"formats": {}, "exported": "nothing: export.formats is empty"})
@@ -96,7 +97,7 @@ def main(cfg: DictConfig) -> None:
         return nothing_to_export(cfg, model_card(int(cfg.backbone.image_size), classes, tta, temperature,
                                                  cfg.backbone.name, {}))
     timed = bool(e.keras_latency)
-    with stage_run("export", cfg, ["export", "evaluate.tta", "seed", "backbone.name"]) as run:
+    with stage_run("export", cfg, SECTIONS) as run:
         log_inputs(cfg, "train", "test")
         model = Predictor.load(FINAL_MODEL, CLASSES).model
         size = int(model.input_shape[1])

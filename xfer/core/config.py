@@ -187,15 +187,9 @@ def fast_exit(code: int = 0) -> None:
     is left (the recorder was closed). XFER_FAST_EXIT=0 keeps the normal exit."""
     if os.environ.get("XFER_FAST_EXIT", "1") == "0":
         return
-    import logging
+    from xfer.core.warm import flush_and_exit
 
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    flush_and_exit(code)
 
 
 def run_cli(main: Callable[[DictConfig], None], argv: Sequence[str] | None = None,

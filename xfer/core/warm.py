@@ -42,8 +42,8 @@ PRELOAD = ("numpy", "pandas", "omegaconf", "psutil", "PIL.Image", "matplotlib", 
 IMPORT_ENV = ("TF_", "ONEDNN_", "DNNL_", "XLA_", "KERAS_", "CUDA_", "OMP_", "MKL_", "OPENBLAS_", "PYTHON", "LD_",
               "MPL", "HOME", "LANG", "LC_", "XFER_TF_LOG_LEVEL", "TZ")
 PROJECT_PACKAGES = ("xfer", "stages", "tests", "bench")  # never kept from the warm process: imported fresh
-CHILD_ENV = "XFER_WARM_CHILD"  # set in a served child: its pid, then the waiting command's pid
-CLIENT_ENV = "XFER_WARM_CLIENT"
+CHILD_ENV = "XFER_WARM_CHILD"  # set in a served child: its own pid (so what it starts is not "served")
+CLIENT_ENV = "XFER_WARM_CLIENT"  # set in a served child: the pid of the command waiting for it
 
 
 def enabled() -> bool:
@@ -91,6 +91,19 @@ def socket_path(k: str) -> Path:
     return folder() / f"{k}.sock"
 
 
+def flush_and_exit(code: int) -> None:
+    """End this process now: flush logging and the standard streams, then skip the interpreter's teardown."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 # -- messages: a 4-byte length, then JSON ------------------------------------------------------------------------
 
 def _send(conn: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
@@ -120,8 +133,6 @@ def _recv(conn: socket.socket, with_fds: int = 0) -> tuple[dict, list[int]]:
             head += _recv_exact(conn, 4 - len(head))
     else:
         head = _recv_exact(conn, 4)
-    if not head:
-        raise EOFError("connection closed")
     (n,) = struct.unpack("!I", head)
     return json.loads(_recv_exact(conn, n)), fds
 
@@ -153,10 +164,7 @@ def delegate() -> None:
         conn.close()
         start_server(k)
         return
-    code = _serve_through(conn, module)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    flush_and_exit(_serve_through(conn, module))
 
 
 def _serve_through(conn: socket.socket, module: str) -> int:
@@ -219,18 +227,17 @@ def start_server(k: str) -> None:
     where = folder()
     try:
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if (where / f"{k}.failed").exists():  # it could not preload in this environment: stay cold
+            return
         starting = where / f"{k}.starting"
         try:
             fd = os.open(starting, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
-            if time.time() - starting.stat().st_mtime < 120 or (where / f"{k}.failed").exists():
+            if time.time() - starting.stat().st_mtime < 120:
                 return  # another stage is starting it
             starting.unlink(missing_ok=True)
             fd = os.open(starting, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)
-        if (where / f"{k}.failed").exists():  # it could not preload in this environment: stay cold
-            starting.unlink(missing_ok=True)
-            return
         import subprocess
 
         log = open(where / f"{k}.log", "ab")  # noqa: SIM115 - handed to the child
@@ -306,11 +313,6 @@ def serve(k: str, idle: float | None = None) -> None:
 
 def _stop(listener: socket.socket, path: Path, k: str) -> None:
     listener.close()
-    try:
-        if path.exists() and os.stat(path).st_ino == os.fstat(listener.fileno()).st_ino:
-            path.unlink()
-    except (OSError, ValueError):
-        pass
     path.unlink(missing_ok=True)
     (path.parent / f"{k}.pid").unlink(missing_ok=True)
     os._exit(0)
@@ -368,8 +370,8 @@ def _run_child(request: dict, fds: list[int]) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGPIPE"):
-            signal.signal(getattr(signal, name), signal.SIG_DFL)
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it at start-up
         signal.signal(signal.SIGINT, signal.SIG_IGN if request["sigint_ignored"] else signal.default_int_handler)
         os.umask(int(request["umask"]))
@@ -411,12 +413,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
             import atexit
 
             atexit._run_exitfuncs()  # noqa: SLF001 - what the interpreter's teardown runs
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+        flush_and_exit(code)
 
 
 # -- xfer warm status|stop -------------------------------------------------------------------------------------------
@@ -468,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     running = servers()
     state = "on" if enabled() else "off (XFER_WARM=0)"
     print(f"warm starts: {state}; {len(running)} warm process(es) in {folder()}")
+    here = key()
     for k, pid in running:
-        print(f"  {k}  pid {pid}{'  (this environment)' if k == key() else ''}")
+        print(f"  {k}  pid {pid}{'  (this environment)' if k == here else ''}")
     return 0
 
 
