@@ -93,6 +93,15 @@ def test_a_stage_goes_to_a_warm_child_that_sees_its_argv_cwd_env_and_streams(war
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_large_environment_reaches_the_warm_child_whole(warm):
+    root, env = warm
+    wait_until_up(env)
+    big = "x" * 120_000  # near Linux's limit for one variable: a request of several socket buffers
+    out = stage(root, {**env, "PROBE_VALUE": big}, "probe", "0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:2] == ["served", "preloaded"] and big in out.stdout.split()
+
+
 def test_a_warm_child_imports_the_projects_code_fresh(warm):
     root, env = warm
     assert served(root, env)[-1] == "v1"

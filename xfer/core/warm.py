@@ -109,10 +109,8 @@ def flush_and_exit(code: int) -> None:
 def _send(conn: socket.socket, obj: dict, fds: list[int] | None = None) -> None:
     data = json.dumps(obj).encode()
     payload = struct.pack("!I", len(data)) + data
-    if fds:
-        socket.send_fds(conn, [payload], fds)
-    else:
-        conn.sendall(payload)
+    sent = socket.send_fds(conn, [payload], fds) if fds else 0  # the fds go with the first bytes
+    conn.sendall(payload[sent:])  # sendmsg may take only part of a large request (the environment)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
