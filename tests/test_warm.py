@@ -30,7 +30,8 @@ SLEEPER = '''from xfer.core.config import run_cli
 def main(cfg):
     import os, time
     print("ready", os.getpid(), flush=True)
-    time.sleep(120)
+    for _ in range(1200):  # short sleeps: CPython misses a signal that lands just before a long sleep() begins
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -194,8 +194,15 @@ def _serve_through(conn: socket.socket, module: str) -> int:
             fds.append(fd)
         except OSError:
             fds.append(os.open(os.devnull, os.O_RDWR))
+    # A signal that lands just before a blocking recv() would only be handled once recv returns (the child's
+    # exit): the wakeup fd makes the select() below return for it, so it is forwarded at once.
+    wake, wake_w = socket.socketpair()
+    for end in (wake, wake_w):
+        end.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     try:
         _send(conn, request, fds)
+        _wait(conn, wake)
         reply, _ = _recv(conn)
     except (OSError, EOFError):  # the warm process went away between connect and reply: run cold
         conn.close()
@@ -206,11 +213,23 @@ def _serve_through(conn: socket.socket, module: str) -> int:
     for signum in pending:
         forward(signum, None)
     try:
+        _wait(conn, wake)
         status, _ = _recv(conn)
     except (OSError, EOFError):
         return 1
     code = int(status["code"])
     return code if code >= 0 else 128 - code
+
+
+def _wait(conn: socket.socket, wake: socket.socket) -> None:
+    """Until ``conn`` has a message, run the signal handlers (forwarding) as each signal arrives."""
+    import select
+
+    while conn not in select.select([conn, wake], [], [])[0]:
+        try:
+            wake.recv(256)  # the handlers ran as select returned; drop their wakeup bytes
+        except BlockingIOError:
+            pass
 
 
 def _cold_exec() -> int:
