@@ -231,6 +231,11 @@ def test_dvc_yaml_declares_only_keys_that_exist_and_each_stage_script():
     # the same outputs (`dvc repro -f -s <stage>`) must leave `dvc status` clean
     for name, stage in dvc["stages"].items():
         assert not [d for d in stage["deps"] if str(d).startswith("reports/runs/")], name
+    # only split lists the image tree; the stages after it read images through its manifests (path and sha256 of
+    # every image: an edited photo reaches them through split), so DVC hashes the tree once per run
+    assert [n for n, st in dvc["stages"].items() if "data/raw" in st["deps"]] == ["split"]
+    for name in ("featurize", "audit", "views", "trunk", "finetune", "evaluate", "scratch", "export"):
+        assert "data/splits" in dvc["stages"][name]["deps"], name
     # a head edit must not touch the upstream stages
     for upstream in ("download", "split", "featurize"):
         assert not any(k.startswith("head") for k in dvc["stages"][upstream]["params"])

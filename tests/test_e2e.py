@@ -178,6 +178,30 @@ def test_head_edit_reruns_exactly_the_downstream_stages(demo_repo):
     assert t["stage.split"] == parents[0].data.tags["stage.split"]  # linked to the run that produced it
 
 
+def test_an_edited_photo_marks_every_stage_that_reads_images_through_the_split(demo_repo):
+    """Only split depends on data/raw itself; an edited photo changes its manifest (the sha256 column), which the
+    stages reading images depend on. Restored, the split's bytes come back and nothing is left to run."""
+    from PIL import Image
+
+    root, env, dvc, *_ = demo_repo
+    photo = sorted((root / "data/raw/images").rglob("*.jpg"))[0]
+    original = photo.read_bytes()
+    with Image.open(photo) as image:
+        image.save(photo.with_suffix(".tmp"), "JPEG", quality=60)
+    photo.with_suffix(".tmp").replace(photo)
+    try:
+        run([*dvc, "repro", "-s", "split"], root, env)
+        status = json.loads(run([*dvc, "status", "--json"], root, env).strip() or "{}")
+        changed = {name for name, entries in status.items()
+                   if any(e.get("changed deps", {}).get("data/splits") == "modified" for e in entries
+                          if isinstance(e, dict))}
+        assert changed == {"featurize", "audit", "views", "trunk", "finetune", "evaluate", "scratch", "export"}
+    finally:
+        photo.write_bytes(original)
+        run([*dvc, "repro", "-s", "split"], root, env)
+    assert dvc_status_clean(root, env, dvc)
+
+
 @pytest.fixture(scope="module")
 def queue_repo(tmp_path_factory, team_stack):
     """A second fresh repository, as a team member's clone: its git remote `origin` (a bare repository), its DVC

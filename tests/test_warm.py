@@ -23,6 +23,11 @@ print("served" if warm.served() else "cold", "preloaded" if "tensorflow" in sys.
 print("to stderr", file=sys.stderr)
 raise SystemExit(int(sys.argv[1]))
 '''
+# Whether MLflow's map of installed packages (log_model's first, slowest step) is there before the stage begins.
+MAPPED = '''import sys
+requirements_utils = sys.modules.get("mlflow.utils.requirements_utils")
+print("mapped" if requirements_utils and requirements_utils._MODULES_TO_PACKAGES else "unmapped")
+'''
 # A stage under run_cli that waits to be interrupted.
 SLEEPER = '''from xfer.core.config import run_cli
 
@@ -47,6 +52,7 @@ def warm(tmp_path_factory):
     with tiny_project(base / "proj", ["download", "split", "featurize"], "warm") as (root, _):
         (root / "stages" / "probe.py").write_text(PROBE.replace("VERSION", "'v1'"))
         (root / "stages" / "sleeper.py").write_text(SLEEPER)
+        (root / "stages" / "mapped.py").write_text(MAPPED)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "XFER_PIPELINE_ID": "warm",
                "XFER_WARM_DIR": str(base / "sockets"), "XFER_WARM": "1"}
         env.pop("DVC_ROOT", None)
@@ -110,6 +116,26 @@ def test_a_warm_child_imports_the_projects_code_fresh(warm):
     assert served(root, env)[-1] == "v2"  # an edit takes effect at once, as in a cold process
     cold = stage(root, {**env, "XFER_WARM": "0"}, "probe", "0")
     assert cold.stdout.split()[:2] == ["cold", "bare"]  # XFER_WARM=0: never handed over
+
+
+def test_a_warm_child_finds_mlflows_package_map_made(warm):
+    root, env = warm
+    wait_until_up(env)
+    assert stage(root, env, "mapped").stdout.split() == ["mapped"]
+    assert stage(root, {**env, "XFER_WARM": "0"}, "mapped").stdout.split() == ["unmapped"]
+
+
+def test_installing_or_removing_a_package_means_another_warm_process(tmp_path, monkeypatch):
+    from xfer.core import warm
+
+    site = tmp_path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(site)])
+    before = warm.key()
+    assert warm.key() == before
+    (site / "newpkg-1.0.dist-info").mkdir()
+    os.utime(site, ns=(time.time_ns(), os.stat(site).st_mtime_ns + 1_000_000))
+    assert warm.key() != before
 
 
 def test_a_warm_stage_writes_the_same_bytes_and_records_how_it_started(warm):

@@ -79,11 +79,14 @@ def _origin(name: str) -> str:
 
 def key() -> str:
     """What a warm process must share with a cold one for their children to be alike: the Python, its flags and
-    path, the import-time environment, this module's code and the installed libraries it preloads."""
+    path, the import-time environment, this module's code, the libraries it preloads and the set installed."""
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_ENV))
     roots = sorted({name.split(".")[0] for name in PRELOAD} | {"tensorflow", "keras"})
+    # a pip install or uninstall of anything adds or removes a *.dist-info folder: the folder's mtime changes
+    installed = [f"{p}:{os.stat(p).st_mtime_ns}" for p in sys.path[1:]
+                 if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
     parts = [sys.executable, sys.version, repr(sys.flags), repr(sys.warnoptions), repr(sys._xoptions),
-             repr(sys.path[1:]), repr(env), Path(__file__).read_bytes().hex(), *map(_origin, roots)]
+             repr(sys.path[1:]), repr(env), Path(__file__).read_bytes().hex(), *map(_origin, roots), *installed]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -282,6 +285,12 @@ def preload() -> None:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001, S112 - an optional library missing: its stage imports it itself
             continue
+    try:  # what MLflow's log_model computes on first use: every installed package's modules (about 0.7 s)
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_modules_to_packages_map()  # noqa: SLF001 - cached module-wide, as in any process
+    except Exception:  # noqa: BLE001, S110 - another MLflow: the child computes it itself
+        pass
     from tensorflow.python.eager import context
 
     if context.context()._context_handle is not None:  # noqa: SLF001 - would share devices/threads with children

@@ -169,15 +169,13 @@ def register(cfg, run, classes_path, model_path, metrics: dict, temperature: flo
                               f"mlflow=={mlflow.__version__}", "pillow", "pandas", "omegaconf", "scikit-learn"],
         )
     client = mlflow.MlflowClient()
+    description, tags = model_card(cfg, client.get_run(run.info.run_id), metrics)
     chatter = io.StringIO()  # register_model prints "Successfully registered ..." / "Created version ..."
-    with contextlib.redirect_stderr(chatter):
-        version = retry_locked(mlflow.register_model, info.model_uri, name).version
+    with contextlib.redirect_stderr(chatter):  # the version created with its tags: one call, not one per tag
+        version = retry_locked(mlflow.register_model, info.model_uri, name, tags=tags).version
     for line in chatter.getvalue().splitlines():
         if not line.startswith(("Successfully registered model", "Created version", "Registered model")):
             print(line, file=sys.stderr)
-    description, tags = model_card(cfg, client.get_run(run.info.run_id), metrics)
     retry_locked(client.update_model_version, name, version, description=description)
-    for key, value in tags.items():
-        retry_locked(client.set_model_version_tag, name, version, key, value)
     retry_locked(client.set_registered_model_alias, name, "candidate", version)
     return f"models:/{name}@candidate (version {version})"
