@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -188,6 +190,33 @@ def test_signals_to_the_waiting_command_reach_the_warm_stage(warm, sig, code, wo
     assert proc.returncode == code, err
     assert f"{word}; partial outputs were discarded" in err and "Traceback" not in err
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_signal_the_main_thread_never_sees_still_ends_the_wait_at_once():
+    """The waiting command's wait for the stage's reply ends for a signal the kernel hands to another thread (as
+    for one landing just before a blocking call): the handler runs then, not when the stage ends."""
+    from xfer.core.warm import _wait, signal_wakeup
+
+    conn, stage_end = socket.socketpair()
+    go = threading.Event()
+    other = threading.Thread(target=lambda: go.wait() and os.kill(os.getpid(), signal.SIGUSR1), daemon=True)
+    other.start()  # before the block below: this thread still takes SIGUSR1
+    watchdog = threading.Timer(20, stage_end.send, (b"late",))  # what the old wait needed: the stage's own end
+    old_handler = signal.signal(signal.SIGUSR1, lambda *_: stage_end.send(b"now"))  # "forward": the stage ends
+    old_fd = signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        wake, _keep = signal_wakeup()
+        watchdog.start()
+        start = time.monotonic()
+        go.set()
+        _wait(conn, wake)
+        assert conn.recv(8) == b"now" and time.monotonic() - start < 10
+    finally:
+        watchdog.cancel()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+        signal.signal(signal.SIGUSR1, old_handler)
+        signal.set_wakeup_fd(old_fd)
 
 
 def test_a_killed_waiting_command_takes_its_warm_stage_with_it(warm):

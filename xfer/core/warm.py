@@ -197,12 +197,7 @@ def _serve_through(conn: socket.socket, module: str) -> int:
             fds.append(fd)
         except OSError:
             fds.append(os.open(os.devnull, os.O_RDWR))
-    # A signal that lands just before a blocking recv() would only be handled once recv returns (the child's
-    # exit): the wakeup fd makes the select() below return for it, so it is forwarded at once.
-    wake, wake_w = socket.socketpair()
-    for end in (wake, wake_w):
-        end.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    wake, _keep = signal_wakeup()
     try:
         _send(conn, request, fds)
         _wait(conn, wake)
@@ -222,6 +217,19 @@ def _serve_through(conn: socket.socket, module: str) -> int:
         return 1
     code = int(status["code"])
     return code if code >= 0 else 128 - code
+
+
+def signal_wakeup() -> tuple[socket.socket, socket.socket]:
+    """A socket that turns readable when a signal arrives (``signal.set_wakeup_fd``), and its other end to keep.
+
+    A signal that lands just before a blocking ``recv()``, or on another thread, runs its Python handler only
+    once the main thread's call returns: for the waiting command, when the stage ends. :func:`_wait` selects on
+    this socket too, so the handler runs (and forwards the signal) at once."""
+    wake, wake_w = socket.socketpair()
+    for end in (wake, wake_w):
+        end.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    return wake, wake_w
 
 
 def _wait(conn: socket.socket, wake: socket.socket) -> None:
