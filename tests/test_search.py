@@ -437,7 +437,9 @@ def test_two_workers_share_one_study_tracked_in_mlflow(tmp_path):
         assert preset.head.epochs == 3  # TINY's own: the trials' max_epochs (2) speeds up the search only
         # Ctrl-C: the running trial is dropped, the best so far kept and written again
         worker = subprocess.Popen([*cmd, "--trials", "100", "--worker", "3"], cwd=root, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,  # Ctrl-C as in a
+                                  # terminal: a background job (`.ci/run &`, nohup) starts with SIGINT ignored
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and len(optuna.load_study(study_name="shared", storage=storage).trials) < 6:
             time.sleep(0.5)
