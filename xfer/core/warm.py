@@ -44,6 +44,8 @@ IMPORT_ENV = ("TF_", "ONEDNN_", "DNNL_", "XLA_", "KERAS_", "CUDA_", "OMP_", "MKL
 PROJECT_PACKAGES = ("xfer", "stages", "tests", "bench")  # never kept from the warm process: imported fresh
 CHILD_ENV = "XFER_WARM_CHILD"  # set in a served child: its own pid (so what it starts is not "served")
 CLIENT_ENV = "XFER_WARM_CLIENT"  # set in a served child: the pid of the command waiting for it
+# What the waiting command forwards to its stage (and SIGINT, unless ignored); a served child resets them.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def enabled() -> bool:
@@ -183,8 +185,7 @@ def _serve_through(conn: socket.socket, module: str) -> int:
         except ProcessLookupError:
             pass
 
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2) + (
-            () if sigint_ignored else (signal.SIGINT,)):
+    for signum in FORWARDED + (() if sigint_ignored else (signal.SIGINT,)):
         signal.signal(signum, forward)
     request = {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
                "path": sys.path, "umask": umask, "sigint_ignored": sigint_ignored, "client": os.getpid()}
@@ -404,7 +405,7 @@ def _run_child(request: dict, fds: list[int]) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        for signum in FORWARDED:
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it at start-up
         signal.signal(signal.SIGINT, signal.SIG_IGN if request["sigint_ignored"] else signal.default_int_handler)
